@@ -1,0 +1,56 @@
+"""asyncdmabuf: the Linux dma-buf buffer-sharing model, async-native, on anyio.
+
+An exporter creates buffers; importers (devices) attach to them and map them to
+get scatter tables; buffers travel as file descriptors and are refcounted with
+:func:`get` and :meth:`DmaBuf.put`. Every operation that can wait is a coroutine
+and a checkpoint; every ``try_*`` operation is a plain function that never waits.
+"""
+
+from __future__ import annotations
+
+from ._buffer import Attachment, DmaBuf, export, get
+from ._bufinfo import AttachmentInfo, BufInfo, FenceInfo, bufinfo, format_bufinfo
+from ._device import Device
+from ._errors import (
+    BadFileDescriptor,
+    Busy,
+    DmaBufError,
+    InvalidArgument,
+    NoDevice,
+    OutOfMemory,
+)
+from ._exporter import CpuMode, Exporter
+from ._sgtable import Direction, SgEntry, SgTable
+
+__all__ = [
+    "Attachment",
+    "AttachmentInfo",
+    "BadFileDescriptor",
+    "BufInfo",
+    "Busy",
+    "CpuMode",
+    "Device",
+    "Direction",
+    "DmaBuf",
+    "DmaBufError",
+    "Exporter",
+    "FenceInfo",
+    "InvalidArgument",
+    "NoDevice",
+    "OutOfMemory",
+    "SgEntry",
+    "SgTable",
+    "bufinfo",
+    "export",
+    "format_bufinfo",
+    "get",
+]
+
+__version__ = "0.1.0"
+
+# Public objects say they come from the package, as trio's and anyio's do.
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("asyncdmabuf._"):
+        _obj.__module__ = __name__
+del _name, _obj

@@ -1,0 +1,84 @@
+"""The table of ops an exporter provides: ``struct dma_buf_ops`` for Python."""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+from ._errors import Busy, InvalidArgument
+
+if TYPE_CHECKING:
+    from ._buffer import Attachment, DmaBuf
+    from ._sgtable import Direction, SgTable
+
+__all__ = ["CpuMode", "Exporter"]
+
+CpuMode = Literal["r", "w", "rw"]
+
+
+class Exporter(abc.ABC):
+    """Base class of every exporter.
+
+    The framework calls the ops with the buffer's lock held, so an op never
+    runs concurrently with another op on the same buffer. Async ops may wait
+    (allocate, evict, simulate latency); each must be cancellation-safe: when a
+    cancellation interrupts it, it undoes what it had done, or keeps it only as
+    a cache of its own, and lets the cancellation propagate. ``unmap``,
+    ``detach`` and ``release`` are always called shielded from cancellation.
+
+    State belongs in ``buf.priv`` and ``attachment.priv``.
+    """
+
+    #: Shown by :func:`asyncdmabuf.bufinfo`; subclasses set their own.
+    name: ClassVar[str] = "exporter"
+
+    async def attach(self, buf: DmaBuf, attachment: Attachment) -> None:  # noqa: B027
+        """Accept a new attachment, or refuse it.
+
+        Raises:
+            Busy: The backing already exists and cannot serve this device.
+        """
+
+    async def detach(self, buf: DmaBuf, attachment: Attachment) -> None:  # noqa: B027
+        """Forget an attachment; it has no mappings left."""
+
+    @abc.abstractmethod
+    async def map(self, attachment: Attachment, direction: Direction) -> SgTable:
+        """Return a scatter table for ``attachment``, waiting for backing if needed."""
+
+    def try_map(self, attachment: Attachment, direction: Direction) -> SgTable:
+        """Return a table without waiting, or raise :class:`Busy`.
+
+        Must never await or block. The default cannot map without waiting.
+
+        Raises:
+            Busy: A map would have had to wait.
+        """
+        raise Busy(f"exporter {self.name!r} cannot map without waiting")
+
+    @abc.abstractmethod
+    async def unmap(
+        self, attachment: Attachment, sgt: SgTable, direction: Direction
+    ) -> None:
+        """Give back a table returned by :meth:`map` or :meth:`try_map`."""
+
+    @abc.abstractmethod
+    async def release(self, buf: DmaBuf) -> None:
+        """Free the buffer's backing after its last put; called exactly once."""
+
+    async def begin_cpu_access(self, buf: DmaBuf, mode: CpuMode) -> None:  # noqa: B027
+        """Make the bytes coherent for the CPU before it reads or writes them."""
+
+    async def end_cpu_access(self, buf: DmaBuf, mode: CpuMode) -> None:  # noqa: B027
+        """Make the CPU's writes visible to devices again."""
+
+    def vmap(self, buf: DmaBuf) -> memoryview:
+        """Return a writable view of the buffer's bytes in this process.
+
+        Raises:
+            InvalidArgument: The exporter has no CPU mapping of its memory.
+        """
+        raise InvalidArgument(f"exporter {self.name!r} has no CPU mapping")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"

@@ -1,0 +1,48 @@
+"""Every async test runs on asyncio, asyncio+uvloop and trio."""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Iterator
+
+import pytest
+
+import asyncdmabuf
+from asyncdmabuf._buffer import live_buffers
+
+BACKENDS = [
+    pytest.param(("asyncio", {}), id="asyncio"),
+    pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    pytest.param(("trio", {}), id="trio"),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, object]]:
+    backend: tuple[str, dict[str, object]] = request.param
+    return backend
+
+
+def _open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks() -> Iterator[None]:
+    """Fail a test that leaves a live buffer or an open fd behind."""
+    before_fds = _open_fds()
+    before = set(map(id, live_buffers()))
+    yield
+    gc.collect()
+    leaked = [buf for buf in live_buffers() if id(buf) not in before]
+    assert not leaked, f"buffers left live: {leaked}\n{asyncdmabuf.format_bufinfo()}"
+    extra = _open_fds() - before_fds
+    # The event loop of the next test may already be open; allow only that.
+    stray = {
+        fd: os.readlink(f"/proc/self/fd/{fd}")
+        for fd in extra
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    }
+    memfds = {fd: target for fd, target in stray.items() if "asyncdmabuf" in target}
+    assert not memfds, f"fds left open: {memfds}"
