@@ -3,14 +3,19 @@
 Every operation that can wait takes the buffer's lock, a FIFO :class:`anyio.Lock`,
 and is therefore a checkpoint. State changes happen synchronously while the lock
 is held, between awaits, so a cancellation at any await leaves either the old
-state or the new one, never something in between. ``unmap``, ``detach`` and the
-last ``put`` run shielded: like the kernel's void functions they always finish.
+state or the new one, never something in between.
+
+The undoing operations (``unmap``, ``detach``, ``put``, ``end_cpu_access``) are
+checkpoints too, but shielded ones: like the kernel's void functions they always
+finish and never raise the cancellation, which the caller meets at its next
+checkpoint. So a ``finally:`` block can undo several things in a row.
 """
 
 from __future__ import annotations
 
 import enum
 import os
+import pickle
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Generator
@@ -270,7 +275,8 @@ class DmaBuf:
         self._check_live()
         self._refcount -= 1
         if self._refcount:
-            await anyio.lowlevel.cancel_shielded_checkpoint()
+            with anyio.CancelScope(shield=True):
+                await anyio.lowlevel.checkpoint()
             return
         self._state = _State.RELEASING
         _live.discard(self)
@@ -350,7 +356,7 @@ class DmaBuf:
         if move_notify is not None and not callable(move_notify):
             raise TypeError("move_notify must be callable")
         self._check_live()
-        return _Operation(self._attach(device, move_notify), Attachment.detach)
+        return _Operation(self._attach(device, move_notify), _detach_if_attached)
 
     async def _attach(
         self, device: Device, move_notify: MoveNotify | None
@@ -434,29 +440,37 @@ def _check_mode(mode: object) -> None:
 
 @final
 class _CpuAccess:
-    """``async with buf.cpu_access(mode) as view``: begin, a view, end."""
+    """``async with buf.cpu_access(mode) as view``: begin, a view, end.
 
-    __slots__ = ("_buf", "_mode", "_view")
+    The view handed out is a re-export (through :class:`pickle.PickleBuffer`)
+    of a view private to this access, so that on exit the private view can
+    tell whether anything derived from the handed-out one (a numpy array, a
+    ctypes object) still holds the memory: then exit raises ``BufferError``.
+    """
+
+    __slots__ = ("_base", "_buf", "_mode", "_view")
 
     def __init__(self, buf: DmaBuf, mode: CpuMode) -> None:
         self._buf = buf
         self._mode = mode
+        self._base: memoryview | None = None
         self._view: memoryview | None = None
 
     async def __aenter__(self) -> memoryview:
         buf = self._buf
         await buf.begin_cpu_access(self._mode)
         try:
-            view = buf._exporter.vmap(buf)
+            base = buf._exporter.vmap(buf)
             if self._mode == "r":
-                readonly = view.toreadonly()
-                view.release()
-                view = readonly
+                readonly = base.toreadonly()
+                base.release()
+                base = readonly
+            view = memoryview(pickle.PickleBuffer(base))
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await buf.end_cpu_access(self._mode)
             raise
-        self._view = view
+        self._base, self._view = base, view
         return view
 
     async def __aexit__(
@@ -465,10 +479,13 @@ class _CpuAccess:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        view, self._view = self._view, None
+        base, view = self._base, self._view
+        self._base = self._view = None
         try:
             if view is not None:
                 view.release()
+            if base is not None:
+                base.release()  # BufferError while anything still holds it
         finally:
             await self._buf.end_cpu_access(self._mode)
 
@@ -574,7 +591,7 @@ class Attachment:
         coro = self._map(direction)
         if not interruptible:
             coro = _shielded(coro)
-        return _Operation(coro, self.unmap)
+        return _Operation(coro, self._unmap_if_mapped)
 
     async def _map(self, direction: Direction) -> SgTable:
         buf = self._buffer
@@ -644,6 +661,10 @@ class Attachment:
             finally:
                 buf._lock.release()
 
+    async def _unmap_if_mapped(self, sgt: SgTable) -> None:
+        if sgt._valid:
+            await self.unmap(sgt)
+
     def _check_mapped(self, sgt: SgTable) -> None:
         if sgt._attachment is not self:
             raise InvalidArgument(f"{sgt!r} was not mapped by {self!r}")
@@ -702,6 +723,11 @@ class Attachment:
             await exporter.detach(self._buffer, self)
         except Exception as exc:
             errors.append(exc)
+
+
+async def _detach_if_attached(att: Attachment) -> None:
+    if att._attached:
+        await att.detach()
 
 
 async def _shielded(coro: Coroutine[Any, Any, T]) -> T:

@@ -1,0 +1,397 @@
+"""map / try_map / unmap: API.md section 4."""
+
+from __future__ import annotations
+
+import inspect
+
+import anyio
+import pytest
+
+import asyncdmabuf as dmabuf
+from asyncdmabuf import Direction
+
+from .exporters_for_tests import BASE, RecordingExporter, WaitingExporter
+from .helpers import assert_checkpoints, assert_no_checkpoints
+
+pytestmark = pytest.mark.anyio
+
+
+async def _cancel_when_blocked(scope: anyio.CancelScope) -> None:
+    await anyio.wait_all_tasks_blocked()
+    scope.cancel()
+
+
+def _snapshot() -> list[dmabuf.BufInfo]:
+    return dmabuf.bufinfo()
+
+
+async def test_map_returns_a_table_covering_the_buffer() -> None:
+    buf = RecordingExporter().make(8192)
+    async with buf.attach(dmabuf.Device("gpu")) as att:
+        async with att.map(Direction.TO_DEVICE) as sgt:
+            assert list(sgt) == [dmabuf.SgEntry(BASE, 8192, 0)]
+            assert (sgt.direction, sgt.nbytes, sgt.attachment) == (
+                Direction.TO_DEVICE,
+                8192,
+                att,
+            )
+            assert sgt.valid
+            assert att.mappings == (sgt,)
+        assert not sgt.valid
+        assert att.mappings == ()
+    await buf.put()
+
+
+async def test_map_always_checkpoints_and_try_map_never_does() -> None:
+    buf = RecordingExporter().make()
+    att = await buf.attach(dmabuf.Device("gpu"))
+    async with assert_checkpoints():
+        sgt = await att.map(Direction.TO_DEVICE)
+    async with assert_checkpoints():
+        await att.unmap(sgt)
+    assert not inspect.iscoroutinefunction(dmabuf.Attachment.try_map)
+    async with assert_no_checkpoints():
+        sgt = att.try_map(Direction.TO_DEVICE)
+    waiting = await WaitingExporter().make().attach(dmabuf.Device("w"))
+    async with assert_no_checkpoints():
+        with pytest.raises(dmabuf.Busy):
+            waiting.try_map(Direction.TO_DEVICE)
+    await att.unmap(sgt)
+    await att.detach()
+    await buf.put()
+    await waiting.detach()
+    await waiting.buffer.put()
+
+
+async def test_map_is_a_cancel_point_even_uncontended() -> None:
+    buf = RecordingExporter().make()
+    att = await buf.attach(dmabuf.Device("gpu"))
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await att.map(Direction.TO_DEVICE)
+    assert scope.cancelled_caught
+    assert att.mappings == ()
+    await att.detach()
+    await buf.put()
+
+
+async def test_try_map_is_busy_when_the_exporter_would_wait() -> None:
+    exp = WaitingExporter()
+    buf = exp.make()
+    att = await buf.attach(dmabuf.Device("gpu"))
+    with pytest.raises(dmabuf.Busy):
+        att.try_map(Direction.TO_DEVICE)
+    assert att.mappings == ()
+    sgt = await att.map(Direction.TO_DEVICE)  # the blocking map works
+    await att.unmap(sgt)
+    await att.detach()
+    await buf.put()
+
+
+async def test_try_map_is_busy_while_the_lock_is_held_or_queued() -> None:
+    exp = RecordingExporter()
+    exp.gate = anyio.Event()
+    buf = exp.make()
+    first = await buf.attach(dmabuf.Device("first"))
+    second = await buf.attach(dmabuf.Device("second"))
+    probe = await buf.attach(dmabuf.Device("probe"))
+    tables: list[dmabuf.SgTable] = []
+
+    async def map_into(att: dmabuf.Attachment) -> None:
+        tables.append(await att.map(Direction.TO_DEVICE))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(map_into, first)
+        await exp.map_started.wait()
+        with pytest.raises(dmabuf.Busy):  # held
+            probe.try_map(Direction.TO_DEVICE)
+        tg.start_soon(map_into, second)
+        await anyio.wait_all_tasks_blocked()
+        with pytest.raises(dmabuf.Busy):  # held and queued
+            probe.try_map(Direction.TO_DEVICE)
+        exp.gate.set()
+    assert "try_map probe" not in exp.calls
+    sgt = probe.try_map(Direction.TO_DEVICE)  # free again
+    tables.append(sgt)
+    for table in tables:
+        await table.attachment.unmap(table)
+    for att in (first, second, probe):
+        await att.detach()
+    await buf.put()
+
+
+async def test_waiters_are_served_first_come_first_served() -> None:
+    exp = RecordingExporter()
+    exp.gate = anyio.Event()
+    buf = exp.make()
+    names = [f"dev{i}" for i in range(6)]
+    atts = [await buf.attach(dmabuf.Device(name)) for name in names]
+    exp.calls.clear()
+    tables: list[dmabuf.SgTable] = []
+
+    async def map_into(att: dmabuf.Attachment) -> None:
+        tables.append(await att.map(Direction.TO_DEVICE))
+
+    async with anyio.create_task_group() as tg:
+        for att in atts:
+            tg.start_soon(map_into, att)
+            await anyio.wait_all_tasks_blocked()  # arrival order is list order
+        exp.gate.set()
+    assert exp.calls == [f"map {name}" for name in names]
+    assert [t.attachment.device.name for t in tables] == names
+    for table in tables:
+        await table.attachment.unmap(table)
+    for att in atts:
+        await att.detach()
+    await buf.put()
+
+
+async def test_map_cancelled_while_queued_leaves_nothing_behind() -> None:
+    exp = RecordingExporter()
+    exp.gate = anyio.Event()
+    buf = exp.make()
+    holder = await buf.attach(dmabuf.Device("holder"))
+    victim = await buf.attach(dmabuf.Device("victim"))
+    held: list[dmabuf.SgTable] = []
+
+    async def hold() -> None:
+        held.append(await holder.map(Direction.TO_DEVICE))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hold)
+        await exp.map_started.wait()
+        before = _snapshot()
+        with anyio.CancelScope() as scope:
+            tg.start_soon(_cancel_when_blocked, scope)
+            await victim.map(Direction.TO_DEVICE)
+        assert scope.cancelled_caught
+        assert victim.mappings == ()
+        assert buf._waiting == 0
+        assert _snapshot() == before
+        assert "map victim" not in exp.calls
+        exp.gate.set()
+    assert not buf._lock.locked()
+    sgt = await victim.map(Direction.TO_DEVICE)  # an immediate retry works
+    await victim.unmap(sgt)
+    await holder.unmap(held[0])
+    await holder.detach()
+    await victim.detach()
+    await buf.put()
+
+
+async def test_map_cancelled_while_the_exporter_waits_leaves_nothing_behind() -> None:
+    exp = RecordingExporter()
+    exp.gate = anyio.Event()
+    buf = exp.make()
+    att = await buf.attach(dmabuf.Device("gpu"))
+    before = _snapshot()
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_cancel_when_blocked, scope)
+            await att.map(Direction.TO_DEVICE)
+    assert scope.cancelled_caught
+    assert "map cancelled gpu" in exp.calls
+    assert att.mappings == ()
+    assert not buf._lock.locked()
+    assert _snapshot() == before
+    exp.gate.set()
+    sgt = await att.map(Direction.TO_DEVICE)  # retry
+    assert att.mappings == (sgt,)
+    await att.unmap(sgt)
+    await att.detach()
+    await buf.put()
+
+
+async def test_uninterruptible_map_finishes_despite_cancellation() -> None:
+    exp = RecordingExporter()
+    exp.gate = anyio.Event()
+    buf = exp.make()
+    att = await buf.attach(dmabuf.Device("gpu"))
+
+    async def open_gate_when_blocked() -> None:
+        await anyio.wait_all_tasks_blocked()
+        exp.gate.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(open_gate_when_blocked)
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            sgt = await att.map(Direction.TO_DEVICE, interruptible=False)
+            assert sgt.valid
+            await att.unmap(sgt)  # shielded: runs in the cancelled scope
+            assert not sgt.valid
+    await att.detach()
+    await buf.put()
+
+
+async def test_unmap_completes_in_a_cancelled_scope() -> None:
+    exp = RecordingExporter()
+    buf = exp.make()
+    att = await buf.attach(dmabuf.Device("gpu"))
+    sgt = await att.map(Direction.TO_DEVICE)
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await att.unmap(sgt)
+        await att.detach()
+        await buf.put()
+    assert not scope.cancelled_caught  # none of them raised
+    assert exp.calls[-3:] == ["unmap gpu", "detach gpu", "release"]
+
+
+async def test_unmap_errors() -> None:
+    buf = RecordingExporter().make()
+    a = await buf.attach(dmabuf.Device("a"))
+    b = await buf.attach(dmabuf.Device("b"))
+    sgt = await a.map(Direction.TO_DEVICE)
+    with pytest.raises(dmabuf.InvalidArgument):
+        await b.unmap(sgt)  # another attachment's table
+    with pytest.raises(TypeError):
+        await a.unmap(object())  # type: ignore[arg-type]
+    await a.unmap(sgt)
+    with pytest.raises(dmabuf.InvalidArgument):
+        await a.unmap(sgt)  # twice
+    await a.detach()
+    await b.detach()
+    await buf.put()
+
+
+async def test_map_on_a_detached_attachment_or_released_buffer() -> None:
+    buf = RecordingExporter().make()
+    att = await buf.attach(dmabuf.Device("a"))
+    await att.detach()
+    with pytest.raises(dmabuf.InvalidArgument):
+        await att.map(Direction.TO_DEVICE)
+    with pytest.raises(dmabuf.InvalidArgument):
+        att.try_map(Direction.TO_DEVICE)
+    await buf.put()
+
+
+async def test_a_queued_map_whose_attachment_is_detached_meanwhile() -> None:
+    exp = RecordingExporter()
+    exp.gate = anyio.Event()
+    buf = exp.make()
+    holder = await buf.attach(dmabuf.Device("holder"))
+    victim = await buf.attach(dmabuf.Device("victim"))
+    results: list[BaseException | dmabuf.SgTable] = []
+
+    async def hold() -> None:
+        results.append(await holder.map(Direction.TO_DEVICE))
+
+    async def queued() -> None:
+        try:
+            results.append(await victim.map(Direction.TO_DEVICE))
+        except dmabuf.InvalidArgument as exc:
+            results.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hold)
+        await exp.map_started.wait()
+        tg.start_soon(victim.detach)  # queued first
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(queued)  # queued behind the detach
+        await anyio.wait_all_tasks_blocked()
+        exp.gate.set()
+    # FIFO: the detach ran first, so the map found its attachment gone.
+    held, refused = results
+    assert isinstance(held, dmabuf.SgTable)
+    assert isinstance(refused, dmabuf.InvalidArgument)
+    assert victim.mappings == ()
+    await holder.unmap(held)
+    await holder.detach()
+    await buf.put()
+
+
+@pytest.mark.parametrize("bad", ["to_device", 1.0, None])
+async def test_bad_directions_are_type_errors(bad: object) -> None:
+    buf = RecordingExporter().make()
+    async with buf.attach(dmabuf.Device("a")) as att:
+        with pytest.raises(TypeError):
+            att.map(bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            att.try_map(bad)  # type: ignore[arg-type]
+        with pytest.raises(dmabuf.InvalidArgument):
+            att.try_map(7)  # type: ignore[arg-type]
+        sgt = att.try_map(2)  # type: ignore[arg-type]
+        assert sgt.direction is Direction.FROM_DEVICE
+        await att.unmap(sgt)
+    await buf.put()
+
+
+async def test_broken_tables_from_an_exporter_become_errors() -> None:
+    exp = RecordingExporter()
+    buf = exp.make(4096)
+    dev = dmabuf.Device("narrow", dma_mask=0xFFFF, max_segment_size=0x800)
+    att = await buf.attach(dev)
+
+    def short(att: dmabuf.Attachment, d: Direction) -> object:
+        return dmabuf.SgTable([dmabuf.SgEntry(0, 100, 0)], direction=d, attachment=att)
+
+    def beyond_mask(att: dmabuf.Attachment, d: Direction) -> object:
+        entries = [dmabuf.SgEntry(0xFF00, 0x800, 0), dmabuf.SgEntry(0, 0x800, 0x800)]
+        return dmabuf.SgTable(entries, direction=d, attachment=att)
+
+    def too_long(att: dmabuf.Attachment, d: Direction) -> object:
+        return dmabuf.SgTable([dmabuf.SgEntry(0, 4096, 0)], direction=d, attachment=att)
+
+    def gap(att: dmabuf.Attachment, d: Direction) -> object:
+        entries = [dmabuf.SgEntry(0, 0x800, 0), dmabuf.SgEntry(0x1000, 0x800, 0x900)]
+        return dmabuf.SgTable(entries, direction=d, attachment=att)
+
+    for factory in (short, beyond_mask, too_long, gap):
+        exp.table_factory = factory
+        with pytest.raises(dmabuf.InvalidArgument):
+            await att.map(Direction.TO_DEVICE)
+        assert att.mappings == ()
+        assert not buf._lock.locked()
+
+    exp.table_factory = lambda att, d: "not a table"
+    with pytest.raises(dmabuf.DmaBufError):
+        await att.map(Direction.TO_DEVICE)
+
+    other = await buf.attach(dmabuf.Device("other"))
+    exp.table_factory = lambda att, d: dmabuf.SgTable(
+        [dmabuf.SgEntry(0, 4096, 0)], direction=d, attachment=other
+    )
+    with pytest.raises(dmabuf.DmaBufError):
+        await att.map(Direction.TO_DEVICE)
+    with pytest.raises(dmabuf.DmaBufError):
+        att.try_map(Direction.TO_DEVICE)
+    assert att.mappings == ()
+    await att.detach()
+    await other.detach()
+    await buf.put()
+
+
+async def test_contiguous_device_needs_one_entry() -> None:
+    exp = RecordingExporter()
+    buf = exp.make(4096)
+    att = await buf.attach(dmabuf.Device("c", contiguous=True))
+    exp.table_factory = lambda att, d: dmabuf.SgTable(
+        [dmabuf.SgEntry(0, 2048, 0), dmabuf.SgEntry(2048, 2048, 2048)],
+        direction=d,
+        attachment=att,
+    )
+    with pytest.raises(dmabuf.InvalidArgument):
+        att.try_map(Direction.TO_DEVICE)
+    exp.table_factory = None
+    sgt = att.try_map(Direction.TO_DEVICE)
+    assert len(sgt) == 1
+    await att.unmap(sgt)
+    await att.detach()
+    await buf.put()
+
+
+async def test_sgtable_is_an_immutable_sequence() -> None:
+    buf = RecordingExporter().make(4096)
+    async with buf.attach(dmabuf.Device("gpu")) as att, att.map(
+        Direction.BIDIRECTIONAL
+    ) as sgt:
+        assert len(sgt) == 1
+        assert sgt[0] == sgt.entries[0]
+        assert sgt[:1] == sgt.entries
+        assert "1 entries" in repr(sgt)
+        with pytest.raises(TypeError):
+            sgt[0] = sgt[0]  # type: ignore[index]
+        with pytest.raises(AttributeError):
+            sgt.direction = Direction.NONE  # type: ignore[misc]
+    await buf.put()
