@@ -10,9 +10,22 @@ from importlib.metadata import entry_points
 
 from asyncdmabuf import Exporter, InvalidArgument
 
+from ._dmaheap import DmaHeapExporter
 from ._memfd import MemfdExporter, import_fd
+from ._simdev import Fault, FaultOp, FaultPlan, SimDevice, SimStatistics
 
-__all__ = ["MemfdExporter", "available", "import_fd", "load"]
+__all__ = [
+    "DmaHeapExporter",
+    "Fault",
+    "FaultOp",
+    "FaultPlan",
+    "MemfdExporter",
+    "SimDevice",
+    "SimStatistics",
+    "available",
+    "import_fd",
+    "load",
+]
 
 GROUP = "asyncdmabuf.exporters"
 

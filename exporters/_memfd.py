@@ -27,7 +27,13 @@ from asyncdmabuf import (
     SgTable,
     export,
 )
-from asyncdmabuf._fd import MEMFD_SEALS, check_name, dup_cloexec, sealed_memfd
+from asyncdmabuf._errors import from_oserror
+from asyncdmabuf._fd import (
+    MEMFD_SEALS,
+    check_name,
+    dup_cloexec,
+    sealed_memfd,
+)
 
 if TYPE_CHECKING:
     from asyncdmabuf import Attachment, CpuMode, Device, Direction
@@ -202,18 +208,28 @@ class _Importer(MemfdExporter):
     def import_fd(self, fd: int) -> DmaBuf:
         """Map the memory behind ``fd`` as a new buffer (the fd stays the caller's).
 
+        A file that only reads (an ``O_RDONLY`` fd, or a memfd sealed against
+        writes) is mapped read-only.
+
         Raises:
             InvalidArgument: The file is empty, or cannot be sealed against
                 resizing.
+            DmaBufError: It cannot be mapped (``OutOfMemory`` for ENOMEM).
         """
         size = os.fstat(fd).st_size
         if size <= 0:
             raise InvalidArgument(f"fd {fd} holds no bytes to share")
-        _seal(fd)
-        writable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+        seals = _seal(fd)
+        writable = (
+            fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+            and not seals & _WRITE_SEALS
+        )
         own = dup_cloexec(fd)
         try:
             backing = _Backing(own, size, writable=writable)
+        except OSError as exc:
+            os.close(own)
+            raise from_oserror(exc, f"mapping fd {fd}") from None
         except BaseException:
             os.close(own)
             raise
@@ -225,20 +241,26 @@ class _Importer(MemfdExporter):
             raise
 
 
-def _seal(fd: int) -> None:
+#: Seals that forbid shared writable mappings (F_SEAL_FUTURE_WRITE is 0x10).
+_WRITE_SEALS = fcntl.F_SEAL_WRITE | 0x10
+
+
+def _seal(fd: int) -> int:
+    """Seal ``fd`` against resizing if it is a memfd; return its seals (0 if none)."""
     try:
-        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        seals: int = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
-        return  # not a memfd (a kernel dma-buf): its size cannot change anyway
+        return 0  # not a memfd (a kernel dma-buf): its size cannot change anyway
     needed = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
     if seals & needed == needed:
-        return
+        return seals
     try:
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, MEMFD_SEALS & ~seals)
     except OSError:
         raise InvalidArgument(
             f"fd {fd} cannot be sealed against resizing, so mapping it is unsafe"
         ) from None
+    return seals | MEMFD_SEALS
 
 
 _IMPORTER = _Importer()

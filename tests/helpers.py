@@ -19,7 +19,7 @@ import sniffio
 @contextlib.asynccontextmanager
 async def _checked(*, expected: bool) -> AsyncIterator[None]:
     if sniffio.current_async_library() == "trio":
-        import trio.testing  # noqa: PLC0415
+        import trio.testing
 
         if expected:
             with trio.testing.assert_checkpoints():

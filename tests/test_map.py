@@ -204,13 +204,13 @@ async def test_map_cancelled_while_the_exporter_waits_leaves_nothing_behind() ->
 
 async def test_uninterruptible_map_finishes_despite_cancellation() -> None:
     exp = RecordingExporter()
-    exp.gate = anyio.Event()
+    gate = exp.gate = anyio.Event()
     buf = exp.make()
     att = await buf.attach(dmabuf.Device("gpu"))
 
     async def open_gate_when_blocked() -> None:
         await anyio.wait_all_tasks_blocked()
-        exp.gate.set()
+        gate.set()
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(open_gate_when_blocked)
@@ -218,24 +218,61 @@ async def test_uninterruptible_map_finishes_despite_cancellation() -> None:
             scope.cancel()
             sgt = await att.map(Direction.TO_DEVICE, interruptible=False)
             assert sgt.valid
-            await att.unmap(sgt)  # shielded: runs in the cancelled scope
-            assert not sgt.valid
+            await att.unmap(sgt)  # completes, then raises the cancellation
+        assert scope.cancelled_caught
+        assert not sgt.valid
     await att.detach()
     await buf.put()
 
 
-async def test_unmap_completes_in_a_cancelled_scope() -> None:
+async def test_undoing_completes_in_a_cancelled_scope() -> None:
     exp = RecordingExporter()
     buf = exp.make()
     att = await buf.attach(dmabuf.Device("gpu"))
     sgt = await att.map(Direction.TO_DEVICE)
-    with anyio.CancelScope() as scope:
-        scope.cancel()
-        await att.unmap(sgt)
-        await att.detach()
-        await buf.put()
-    assert not scope.cancelled_caught  # none of them raised
-    assert exp.calls[-3:] == ["unmap gpu", "detach gpu", "release"]
+    undo = [lambda: att.unmap(sgt), att.detach, buf.put]
+    steps = ["unmap gpu", "detach gpu", "release"]
+    for step, expected in zip(undo, steps, strict=True):
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await step()
+        # Each did its work, then raised the cancellation at its checkpoint.
+        assert scope.cancelled_caught
+        assert exp.calls[-1] == expected
+    assert not sgt.valid
+    assert not att.attached
+    assert buf.released
+
+
+async def test_undoing_completes_while_cancelled_waiting_for_the_lock() -> None:
+    exp = RecordingExporter()
+    buf = exp.make()
+    holder = await buf.attach(dmabuf.Device("holder"))
+    att = await buf.attach(dmabuf.Device("gpu"))
+    sgt = await att.map(Direction.TO_DEVICE)
+    gate = exp.gate = anyio.Event()  # from now on, maps wait for the gate
+    held: list[dmabuf.SgTable] = []
+
+    async def hold() -> None:
+        held.append(await holder.map(Direction.TO_DEVICE))
+
+    async def open_gate_when_blocked() -> None:
+        await anyio.wait_all_tasks_blocked()
+        gate.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hold)
+        await exp.map_started.wait()
+        tg.start_soon(open_gate_when_blocked)
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await att.unmap(sgt)  # must wait for the lock, shielded
+        assert scope.cancelled_caught
+        assert not sgt.valid
+    await holder.unmap(held[0])
+    await holder.detach()
+    await att.detach()
+    await buf.put()
 
 
 async def test_unmap_errors() -> None:
@@ -383,9 +420,10 @@ async def test_contiguous_device_needs_one_entry() -> None:
 
 async def test_sgtable_is_an_immutable_sequence() -> None:
     buf = RecordingExporter().make(4096)
-    async with buf.attach(dmabuf.Device("gpu")) as att, att.map(
-        Direction.BIDIRECTIONAL
-    ) as sgt:
+    async with (
+        buf.attach(dmabuf.Device("gpu")) as att,
+        att.map(Direction.BIDIRECTIONAL) as sgt,
+    ):
         assert len(sgt) == 1
         assert sgt[0] == sgt.entries[0]
         assert sgt[:1] == sgt.entries

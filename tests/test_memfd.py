@@ -68,9 +68,10 @@ async def test_dma_addresses_are_the_bytes_in_this_process() -> None:
 
 async def test_numpy_wraps_the_view_without_copying() -> None:
     buf = await MemfdExporter().allocate(4096)
-    async with buf.attach(dmabuf.Device("d")) as att, att.map(
-        Direction.BIDIRECTIONAL
-    ) as sgt:
+    async with (
+        buf.attach(dmabuf.Device("d")) as att,
+        att.map(Direction.BIDIRECTIONAL) as sgt,
+    ):
         async with buf.cpu_access("rw") as view:
             arr = np.frombuffer(view, dtype=np.uint8)
             assert arr.ctypes.data == sgt[0].dma_address
@@ -157,7 +158,9 @@ devices = st.builds(
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(size=st.integers(min_value=1, max_value=1 << 21), dev=devices)
 def test_tables_honour_device_constraints(
@@ -191,7 +194,7 @@ def test_tables_honour_device_constraints(
 
 
 async def test_memfd_is_registered_as_an_entry_point() -> None:
-    from asyncdmabuf.exporters import available, load  # noqa: PLC0415
+    from asyncdmabuf.exporters import available, load
 
     assert "memfd" in available()
     assert load("memfd") is MemfdExporter

@@ -20,7 +20,15 @@ from ._errors import (
     OutOfMemory,
 )
 from ._exporter import CpuMode, Exporter
+from ._fence import Fence, FenceContext
+from ._resv import Reservation, Usage
 from ._sgtable import Direction, SgEntry, SgTable
+from ._share import (
+    ShareInfo,
+    receive_buffer,
+    receive_buffer_with_info,
+    send_buffer,
+)
 
 __all__ = [
     "Attachment",
@@ -34,16 +42,24 @@ __all__ = [
     "DmaBuf",
     "DmaBufError",
     "Exporter",
+    "Fence",
+    "FenceContext",
     "FenceInfo",
     "InvalidArgument",
     "NoDevice",
     "OutOfMemory",
+    "Reservation",
     "SgEntry",
     "SgTable",
+    "ShareInfo",
+    "Usage",
     "bufinfo",
     "export",
     "format_bufinfo",
     "get",
+    "receive_buffer",
+    "receive_buffer_with_info",
+    "send_buffer",
 ]
 
 __version__ = "0.1.0"

@@ -30,6 +30,7 @@ from ._device import Device
 from ._errors import Busy, DmaBufError, InvalidArgument
 from ._exporter import CpuMode, Exporter
 from ._sgtable import Direction, SgTable, check_direction
+from ._shield import run_to_completion
 
 __all__ = ["Attachment", "DmaBuf", "export", "get"]
 
@@ -109,6 +110,7 @@ class DmaBuf:
         "_cpu_access",
         "_exporter",
         "_file",
+        "_file_key",
         "_lock",
         "_name",
         "_refcount",
@@ -133,6 +135,7 @@ class DmaBuf:
         self._attachments: list[Attachment] = []
         self._cpu_access: dict[str, int] = {}
         self._file: int | None = None
+        self._file_key: tuple[int, int] | None = None
 
     # -- identity ---------------------------------------------------------------
 
@@ -210,6 +213,7 @@ class DmaBuf:
         if (dev, ino) in _by_file:
             raise InvalidArgument(f"fd {fd} already belongs to a buffer")
         self._file = fd
+        self._file_key = (dev, ino)
         _by_file[(dev, ino)] = self
 
     def _ensure_file(self) -> int:
@@ -240,20 +244,41 @@ class DmaBuf:
 
     def _close_file(self) -> None:
         fd, self._file = self._file, None
+        key, self._file_key = self._file_key, None
+        if key is not None and _by_file.get(key) is self:
+            del _by_file[key]
         if fd is not None:
             os.close(fd)
 
     # -- the lock -----------------------------------------------------------------
 
     async def _acquire(self) -> None:
-        self._waiting += 1
-        try:
-            await self._lock.acquire()
-        finally:
-            self._waiting -= 1
+        """Take the lock, first come first served; a checkpoint either way.
 
-    def _contended(self) -> bool:
-        return self._waiting > 0 or self._lock.locked()
+        Uncontended, this is one checkpoint and a non-blocking acquire, which
+        costs less than :meth:`anyio.Lock.acquire`; contended, it queues.
+        """
+        await anyio.lowlevel.checkpoint()
+        if self._waiting or self._lock.locked():
+            self._waiting += 1
+            try:
+                await self._lock.acquire()
+            finally:
+                self._waiting -= 1
+        else:
+            self._lock.acquire_nowait()
+
+    async def _acquire_shielded(self) -> None:
+        """Take the lock whatever happens: for ops that must complete."""
+        if self._waiting or self._lock.locked():
+            with anyio.CancelScope(shield=True):
+                self._waiting += 1
+                try:
+                    await self._lock.acquire()
+                finally:
+                    self._waiting -= 1
+        else:
+            self._lock.acquire_nowait()
 
     # -- refcount ---------------------------------------------------------------
 
@@ -275,27 +300,19 @@ class DmaBuf:
         self._check_live()
         self._refcount -= 1
         if self._refcount:
-            with anyio.CancelScope(shield=True):
-                await anyio.lowlevel.checkpoint()
+            await anyio.lowlevel.checkpoint()
             return
         self._state = _State.RELEASING
         _live.discard(self)
-        leftovers: list[str] = []
+        leftovers = [att.device.name for att in self._attachments]
         errors: list[BaseException] = []
-        with anyio.CancelScope(shield=True):
-            await self._lock.acquire()
-            try:
-                for att in list(self._attachments):
-                    leftovers.append(att.device.name)
-                    await att._detach_locked(errors)
-                try:
-                    await self._exporter.release(self)
-                except Exception as exc:
-                    errors.append(exc)
-            finally:
-                self._state = _State.RELEASED
-                self._close_file()
-                self._lock.release()
+        await self._acquire_shielded()
+        try:
+            await run_to_completion(self._release_locked(errors))
+        finally:
+            self._state = _State.RELEASED
+            self._close_file()
+            self._lock.release()
         if leftovers:
             warnings.warn(
                 f"{self!r} released while still attached to {', '.join(leftovers)}",
@@ -304,6 +321,15 @@ class DmaBuf:
             )
         if errors:
             raise errors[0]
+        await anyio.lowlevel.checkpoint()
+
+    async def _release_locked(self, errors: list[BaseException]) -> None:
+        for att in list(self._attachments):
+            await att._detach_locked(errors)
+        try:
+            await self._exporter.release(self)
+        except Exception as exc:
+            errors.append(exc)
 
     async def aclose(self) -> None:
         """Same as :meth:`put`."""
@@ -406,7 +432,10 @@ class DmaBuf:
             self._lock.release()
 
     async def end_cpu_access(self, mode: CpuMode) -> None:
-        """End CPU access begun with :meth:`begin_cpu_access` (shielded).
+        """End CPU access begun with :meth:`begin_cpu_access`.
+
+        Completes even in a cancelled scope, then checkpoints (see
+        :meth:`Attachment.unmap`).
 
         Raises:
             InvalidArgument: A bad mode, or no matching ``begin_cpu_access``.
@@ -414,21 +443,21 @@ class DmaBuf:
         _check_mode(mode)
         if not self._cpu_access.get(mode):
             raise InvalidArgument(f"end_cpu_access({mode!r}) without begin_cpu_access")
-        with anyio.CancelScope(shield=True):
-            await self._acquire()
-            try:
-                count = self._cpu_access.get(mode, 0)
-                if not count:
-                    raise InvalidArgument(
-                        f"end_cpu_access({mode!r}) without begin_cpu_access"
-                    )
-                if count == 1:
-                    del self._cpu_access[mode]
-                else:
-                    self._cpu_access[mode] = count - 1
-                await self._exporter.end_cpu_access(self, mode)
-            finally:
-                self._lock.release()
+        await self._acquire_shielded()
+        try:
+            count = self._cpu_access.get(mode, 0)
+            if not count:
+                raise InvalidArgument(
+                    f"end_cpu_access({mode!r}) without begin_cpu_access"
+                )
+            if count == 1:
+                del self._cpu_access[mode]
+            else:
+                self._cpu_access[mode] = count - 1
+            await run_to_completion(self._exporter.end_cpu_access(self, mode))
+        finally:
+            self._lock.release()
+        await anyio.lowlevel.checkpoint()
 
 
 def _check_mode(mode: object) -> None:
@@ -517,7 +546,8 @@ class Attachment:
         self._move_notify = move_notify
         #: The exporter's state for this attachment (the kernel's ``attach->priv``).
         self.priv: Any = None
-        self._mappings: list[SgTable] = []
+        # Insertion-ordered; a dict so that lookup and removal are O(1).
+        self._mappings: dict[SgTable, None] = {}
         self._attached = False
         #: The last entries tuple SgTable checked for this attachment.
         self._checked_entries: object = None
@@ -638,10 +668,16 @@ class Attachment:
                 f"exporter {self._buffer._exporter.name!r} returned {sgt!r}, "
                 f"not a fresh {direction.name} table for {self!r}"
             )
-        self._mappings.append(sgt)
+        self._mappings[sgt] = None
 
     async def unmap(self, sgt: SgTable) -> None:
-        """Unmap a table returned by :meth:`map` or :meth:`try_map` (shielded).
+        """Unmap a table returned by :meth:`map` or :meth:`try_map`.
+
+        The unmap always completes, even in a cancelled scope: waiting for the
+        lock and the exporter's ``unmap`` are shielded. Then, like trio's
+        ``aclose()``, it is a checkpoint, where a pending cancellation is
+        raised. To undo several things in a cancelled scope, use the ``async
+        with`` forms, or a shielded scope.
 
         Raises:
             TypeError: ``sgt`` is not an :class:`SgTable`.
@@ -652,14 +688,14 @@ class Attachment:
             raise TypeError(f"unmap() needs an SgTable, not {type(sgt).__name__}")
         self._check_mapped(sgt)
         buf = self._buffer
-        with anyio.CancelScope(shield=True):
-            await buf._acquire()
-            try:
-                self._check_mapped(sgt)
-                self._forget(sgt)
-                await buf._exporter.unmap(self, sgt, sgt._direction)
-            finally:
-                buf._lock.release()
+        await buf._acquire_shielded()
+        try:
+            self._check_mapped(sgt)
+            self._forget(sgt)
+            await run_to_completion(buf._exporter.unmap(self, sgt, sgt._direction))
+        finally:
+            buf._lock.release()
+        await anyio.lowlevel.checkpoint()
 
     async def _unmap_if_mapped(self, sgt: SgTable) -> None:
         if sgt._valid:
@@ -673,14 +709,15 @@ class Attachment:
 
     def _forget(self, sgt: SgTable) -> None:
         sgt._valid = False
-        self._mappings.remove(sgt)
+        del self._mappings[sgt]
 
     # -- detach -------------------------------------------------------------------
 
     async def detach(self) -> None:
-        """Detach from the buffer (shielded); leftover mappings are unmapped.
+        """Detach from the buffer; leftover mappings are unmapped.
 
-        Each leftover mapping is unmapped with a ``ResourceWarning``.
+        Each leftover mapping is unmapped with a ``ResourceWarning``. Like
+        :meth:`unmap`, it completes even in a cancelled scope, then checkpoints.
 
         Raises:
             InvalidArgument: Already detached.
@@ -688,17 +725,15 @@ class Attachment:
         if not self._attached:
             raise InvalidArgument(f"{self!r} is already detached")
         buf = self._buffer
-        leftovers = len(self._mappings)
         errors: list[BaseException] = []
-        with anyio.CancelScope(shield=True):
-            await buf._acquire()
-            try:
-                if not self._attached:
-                    raise InvalidArgument(f"{self!r} is already detached")
-                leftovers = len(self._mappings)
-                await self._detach_locked(errors)
-            finally:
-                buf._lock.release()
+        await buf._acquire_shielded()
+        try:
+            if not self._attached:
+                raise InvalidArgument(f"{self!r} is already detached")
+            leftovers = len(self._mappings)
+            await run_to_completion(self._detach_locked(errors))
+        finally:
+            buf._lock.release()
         if leftovers:
             warnings.warn(
                 f"{self!r} detached with {leftovers} table(s) still mapped",
@@ -707,9 +742,13 @@ class Attachment:
             )
         if errors:
             raise errors[0]
+        await anyio.lowlevel.checkpoint()
 
     async def _detach_locked(self, errors: list[BaseException]) -> None:
-        """Unmap what is left, then detach; the lock is held and we are shielded."""
+        """Unmap what is left, then detach; the lock is held, cancellation shielded.
+
+        Every step runs even if an earlier one failed; failures go to ``errors``.
+        """
         exporter = self._buffer._exporter
         for sgt in list(self._mappings):
             self._forget(sgt)
