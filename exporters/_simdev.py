@@ -34,6 +34,7 @@ loop run.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import mmap
 import weakref
@@ -50,10 +51,12 @@ from asyncdmabuf import (
     Direction,
     DmaBuf,
     Exporter,
+    FenceContext,
     InvalidArgument,
     OutOfMemory,
     SgEntry,
     SgTable,
+    Usage,
     export,
 )
 from asyncdmabuf._device import DMA_MASK_64, UNLIMITED_SEGMENT
@@ -220,6 +223,7 @@ class _SimState:
         "dispatching",
         "dma_latency",
         "engine",
+        "timeline",
         "evicting",
         "evictions",
         "faults",
@@ -261,6 +265,8 @@ class _SimState:
         self.resident: OrderedDict[_SimBuffer, None] = OrderedDict()
         self.waiters: deque[_Waiter] = deque()
         self.engine: anyio.Lock | None = None
+        #: The DMA engine's timeline: one fence per transfer, in order.
+        self.timeline: FenceContext | None = None
         self.dispatching = False
         self.redispatch = False
         self.evicting = 0
@@ -508,6 +514,13 @@ class SimDevice(Device, Exporter):
         tables' entries, in the buffers' real memory. A transfer cancelled
         before it completes moves nothing.
 
+        Implicit sync: from submission until the transfer ends, a fence of the
+        engine's timeline sits in ``dst``'s reservation as a ``WRITE`` fence and
+        in ``src``'s as a ``READ`` fence, so ``cpu_access("r")`` of the
+        destination (or a write to the source) waits for the transfer. The fence
+        signals when the transfer ends, with the error if it failed or was
+        cancelled.
+
         Args:
             src: The table to read.
             dst: The table to write.
@@ -548,16 +561,26 @@ class SimDevice(Device, Exporter):
         s = self._sim
         if s.engine is None:
             s.engine = anyio.Lock()
-        async with s.engine:
-            seconds = s.dma_latency + (nbytes / s.bandwidth if s.bandwidth else 0.0)
-            if seconds > 0:
-                await anyio.sleep(seconds)
-            self._fault("copy", f"{nbytes} bytes")
-            # Unmapped while the transfer was in flight: a bug in the caller
-            # that real hardware would turn into corruption; here, an error.
-            self._check_table(src, "source", (src.direction,))
-            self._check_table(dst, "destination", (dst.direction,))
-            _transfer(src, dst, nbytes, src_offset, dst_offset)
+        if s.timeline is None:
+            s.timeline = FenceContext(f"{self.name}:dma", driver="simdev")
+        fence = s.timeline.fence()
+        dst.attachment.buffer.resv.add_fence(fence, Usage.WRITE)
+        src.attachment.buffer.resv.add_fence(fence, Usage.READ)
+        try:
+            async with s.engine:
+                seconds = s.dma_latency + (nbytes / s.bandwidth if s.bandwidth else 0)
+                if seconds > 0:
+                    await anyio.sleep(seconds)
+                self._fault("copy", f"{nbytes} bytes")
+                # Unmapped while the transfer was in flight: a bug in the caller
+                # that real hardware would turn into corruption; here, an error.
+                self._check_table(src, "source", (src.direction,))
+                self._check_table(dst, "destination", (dst.direction,))
+                _transfer(src, dst, nbytes, src_offset, dst_offset)
+        except BaseException as exc:
+            fence.signal(exc if isinstance(exc, Exception) else errno.ECANCELED)
+            raise
+        fence.signal()
         s.copies += 1
         s.bytes_copied += nbytes
         return nbytes

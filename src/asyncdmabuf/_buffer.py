@@ -29,6 +29,7 @@ from . import _fd
 from ._device import Device
 from ._errors import Busy, DmaBufError, InvalidArgument
 from ._exporter import CpuMode, Exporter
+from ._resv import Reservation
 from ._sgtable import Direction, SgTable, check_direction
 from ._shield import run_to_completion
 
@@ -57,6 +58,16 @@ _by_file: weakref.WeakValueDictionary[tuple[int, int], DmaBuf] = (
 def live_buffers() -> list[DmaBuf]:
     """Return every buffer of this process that has not been released."""
     return [buf for buf in list(_live) if buf._state is not _State.RELEASED]
+
+
+def lock_holder(buf: DmaBuf) -> tuple[str | None, int]:
+    """Return who holds ``buf``'s lock and how many wait for it (read-only).
+
+    For watchdogs and debugging: the name of the task holding the lock (None
+    when it is free) and the number of tasks queued for it.
+    """
+    owner = buf._lock.statistics().owner
+    return (None if owner is None else owner.name), buf._waiting
 
 
 class _Operation(Generic[T]):
@@ -114,6 +125,7 @@ class DmaBuf:
         "_lock",
         "_name",
         "_refcount",
+        "_resv",
         "_size",
         "_state",
         "_waiting",
@@ -136,6 +148,7 @@ class DmaBuf:
         self._cpu_access: dict[str, int] = {}
         self._file: int | None = None
         self._file_key: tuple[int, int] | None = None
+        self._resv: Reservation | None = None
 
     # -- identity ---------------------------------------------------------------
 
@@ -178,6 +191,43 @@ class DmaBuf:
         """
         self._check_live()
         return os.fstat(self._ensure_file()).st_ino
+
+    @property
+    def resv(self) -> Reservation:
+        """The buffer's reservation object: its fences, for implicit sync.
+
+        Made on first use, so buffers that never see a fence pay nothing.
+        """
+        if self._resv is None:
+            self._resv = Reservation()
+        return self._resv
+
+    def export_sync_fd(self, mode: CpuMode) -> int:
+        """Return one fd for the fences CPU access in ``mode`` would wait for.
+
+        Like ``DMA_BUF_IOCTL_EXPORT_SYNC_FILE``: ``"r"`` gives the fences a
+        reader waits for (``WRITE`` and stronger), ``"w"``/``"rw"`` a writer's
+        (``READ`` and stronger). A snapshot: fences added later do not make it
+        busy; with nothing pending it is readable at once. The caller owns it.
+
+        Raises:
+            InvalidArgument: A bad mode, or the buffer has been released.
+        """
+        self._check_live()
+        return self.resv.export_sync_fd(mode)
+
+    def import_sync_fd(self, fd: int, mode: CpuMode) -> None:
+        """Add the fence behind ``fd`` to the buffer, like ``IMPORT_SYNC_FILE``.
+
+        ``"r"`` adds it as a ``READ`` fence (writers wait, readers do not);
+        ``"w"``/``"rw"`` as a ``WRITE`` fence (both wait). The fd stays the
+        caller's.
+
+        Raises:
+            InvalidArgument: A bad mode, a bad fd, or the buffer has been released.
+        """
+        self._check_live()
+        self.resv.import_sync_fd(fd, mode)
 
     @property
     def shared(self) -> bool:
@@ -418,12 +468,23 @@ class DmaBuf:
     async def begin_cpu_access(self, mode: CpuMode) -> None:
         """Prepare the bytes for CPU access in ``mode`` (a checkpoint).
 
+        First waits for the fences that access must wait for (implicit sync: a
+        reader for ``WRITE`` fences, a writer for ``READ`` fences too), without
+        holding the buffer's lock, then calls the exporter's hook under it.
+
         Raises:
             InvalidArgument: A bad mode, or the buffer has been released.
         """
         _check_mode(mode)
         self._check_live()
-        await self._acquire()
+        while True:
+            resv = self._resv
+            if resv is not None and not resv.test_for_cpu(mode):
+                await resv.wait_for_cpu(mode)
+            await self._acquire()
+            if resv is None or resv.test_for_cpu(mode):
+                break
+            self._lock.release()  # a fence came while we queued: wait again
         try:
             self._check_live()
             await self._exporter.begin_cpu_access(self, mode)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._buffer import DmaBuf, live_buffers
+from ._resv import Usage
 
 __all__ = ["AttachmentInfo", "BufInfo", "bufinfo", "format_bufinfo"]
 
@@ -21,7 +22,7 @@ class AttachmentInfo:
 
 @dataclass(frozen=True, slots=True)
 class FenceInfo:
-    """A pending fence of a buffer (filled in once fences exist)."""
+    """A pending fence of a buffer (BOOKKEEP fences are left out, as in the kernel)."""
 
     usage: str
     driver: str
@@ -44,6 +45,21 @@ class BufInfo:
     fences: tuple[FenceInfo, ...] = ()
 
 
+def _fences(buf: DmaBuf) -> tuple[FenceInfo, ...]:
+    if buf._resv is None:
+        return ()
+    return tuple(
+        FenceInfo(
+            usage=usage.name,
+            driver=fence.driver,
+            timeline=fence.timeline,
+            seqno=fence.seqno,
+            signaled=fence.signaled,
+        )
+        for fence, usage in buf._resv.fences(Usage.READ)
+    )
+
+
 def _info(buf: DmaBuf) -> BufInfo:
     return BufInfo(
         inode=buf.inode if buf.shared else None,
@@ -59,6 +75,7 @@ def _info(buf: DmaBuf) -> BufInfo:
             )
             for att in buf.attachments
         ),
+        fences=_fences(buf),
     )
 
 
