@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -46,3 +47,29 @@ def _no_leaks() -> Iterator[None]:
     }
     memfds = {fd: target for fd, target in stray.items() if "asyncdmabuf" in target}
     assert not memfds, f"fds left open: {memfds}"
+
+
+def _sockets() -> set[str]:
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("socket:"):
+            found.add(target)
+    return found
+
+
+@pytest.fixture
+def no_socket_leaks() -> Iterator[None]:
+    """Fail a test that leaves a fence's socket open (or a watcher thread running)."""
+    before = _sockets()
+    yield
+    for thread in threading.enumerate():
+        if thread.name == "fence-watch":
+            thread.join(timeout=10)
+            assert not thread.is_alive(), "a fence watcher thread never finished"
+    if _sockets() - before:
+        gc.collect()  # only when needed: fences in cycles close their fds here
+        assert not _sockets() - before

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager, nullcontext
 
 import anyio
 import sniffio
+import trio.testing
 
 
 @contextlib.asynccontextmanager
@@ -50,3 +52,13 @@ def assert_checkpoints() -> contextlib.AbstractAsyncContextManager[None]:
 def assert_no_checkpoints() -> contextlib.AbstractAsyncContextManager[None]:
     """Fail if the body reaches a checkpoint."""
     return _checked(expected=False)
+
+
+def checkpoints(backend: str) -> AbstractContextManager[object]:
+    """Assert a checkpoint happens (on trio, where it can be observed)."""
+    return trio.testing.assert_checkpoints() if backend == "trio" else nullcontext()
+
+
+def no_checkpoints(backend: str) -> AbstractContextManager[object]:
+    """Assert no checkpoint happens (on trio, where it can be observed)."""
+    return trio.testing.assert_no_checkpoints() if backend == "trio" else nullcontext()

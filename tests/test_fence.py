@@ -9,10 +9,8 @@ import os
 import select
 import socket
 import sys
-import threading
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable
 
 import anyio
 import anyio.lowlevel
@@ -24,46 +22,12 @@ from hypothesis import strategies as st
 import asyncdmabuf
 from asyncdmabuf import DmaBufError, Fence, FenceContext, InvalidArgument, _fence
 
-pytestmark = pytest.mark.anyio
+from .helpers import checkpoints, no_checkpoints
+
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("no_socket_leaks")]
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-def _sockets() -> set[str]:
-    found = set()
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue
-        if target.startswith("socket:"):
-            found.add(target)
-    return found
-
-
-@pytest.fixture(autouse=True)
-def _no_socket_leaks() -> Iterator[None]:
-    """Fail a test that leaves a fence's socket open (or a watcher thread running)."""
-    before = _sockets()
-    yield
-    for thread in threading.enumerate():
-        if thread.name == "fence-watch":
-            thread.join(timeout=10)
-            assert not thread.is_alive(), "a fence watcher thread never finished"
-    if _sockets() - before:
-        gc.collect()  # only when needed: fences in cycles close their fds here
-        assert not _sockets() - before
-
-
-def checkpoints(backend: str) -> AbstractContextManager[object]:
-    """Assert a checkpoint happens (on trio, where it can be observed)."""
-    return trio.testing.assert_checkpoints() if backend == "trio" else nullcontext()
-
-
-def no_checkpoints(backend: str) -> AbstractContextManager[object]:
-    """Assert no checkpoint happens (on trio, where it can be observed)."""
-    return trio.testing.assert_no_checkpoints() if backend == "trio" else nullcontext()
 
 
 def is_signaled(fence: Fence) -> bool:

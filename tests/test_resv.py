@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import errno
-import gc
 import mmap
 import os
 import select
 import socket
 import sys
-import threading
 import weakref
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 
 import anyio
 import pytest
-import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -30,48 +27,14 @@ from asyncdmabuf import (
     _fence,
 )
 
-pytestmark = pytest.mark.anyio
+from .helpers import checkpoints, no_checkpoints
+
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("no_socket_leaks")]
 
 USAGES = list(Usage)
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-def _sockets() -> set[str]:
-    found = set()
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue
-        if target.startswith("socket:"):
-            found.add(target)
-    return found
-
-
-@pytest.fixture(autouse=True)
-def _no_socket_leaks() -> Iterator[None]:
-    """Fail a test that leaves a fence's socket open (or a watcher thread running)."""
-    before = _sockets()
-    yield
-    for thread in threading.enumerate():
-        if thread.name == "fence-watch":
-            thread.join(timeout=10)
-            assert not thread.is_alive(), "a fence watcher thread never finished"
-    if _sockets() - before:
-        gc.collect()  # only when needed: fences in cycles close their fds here
-        assert not _sockets() - before
-
-
-def checkpoints(backend: str) -> AbstractContextManager[object]:
-    """Assert a checkpoint happens (on trio, where it can be observed)."""
-    return trio.testing.assert_checkpoints() if backend == "trio" else nullcontext()
-
-
-def no_checkpoints(backend: str) -> AbstractContextManager[object]:
-    """Assert no checkpoint happens (on trio, where it can be observed)."""
-    return trio.testing.assert_no_checkpoints() if backend == "trio" else nullcontext()
 
 
 def readable(fd: int) -> bool:
