@@ -166,7 +166,7 @@ async def test_map_cancelled_while_queued_leaves_nothing_behind() -> None:
             await victim.map(Direction.TO_DEVICE)
         assert scope.cancelled_caught
         assert victim.mappings == ()
-        assert buf._waiting == 0
+        assert buf._lock.waiting == 0
         assert _snapshot() == before
         assert "map victim" not in exp.calls
         exp.gate.set()

@@ -29,6 +29,7 @@ from . import _fd
 from ._device import Device
 from ._errors import Busy, DmaBufError, InvalidArgument
 from ._exporter import CpuMode, Exporter
+from ._lock import FifoLock, task_name
 from ._resv import Reservation
 from ._sgtable import Direction, SgTable, check_direction
 from ._shield import run_to_completion
@@ -66,8 +67,8 @@ def lock_holder(buf: DmaBuf) -> tuple[str | None, int]:
     For watchdogs and debugging: the name of the task holding the lock (None
     when it is free) and the number of tasks queued for it.
     """
-    owner = buf._lock.statistics().owner
-    return (None if owner is None else owner.name), buf._waiting
+    owner = buf._lock.owner
+    return (None if owner is None else task_name(owner)), buf._lock.waiting
 
 
 class _Operation(Generic[T]):
@@ -128,7 +129,6 @@ class DmaBuf:
         "_resv",
         "_size",
         "_state",
-        "_waiting",
         "priv",
     )
 
@@ -142,8 +142,7 @@ class DmaBuf:
         self._name = name
         self._refcount = 1
         self._state = _State.LIVE
-        self._lock = anyio.Lock()
-        self._waiting = 0
+        self._lock = FifoLock()
         self._attachments: list[Attachment] = []
         self._cpu_access: dict[str, int] = {}
         self._file: int | None = None
@@ -303,32 +302,17 @@ class DmaBuf:
     # -- the lock -----------------------------------------------------------------
 
     async def _acquire(self) -> None:
-        """Take the lock, first come first served; a checkpoint either way.
-
-        Uncontended, this is one checkpoint and a non-blocking acquire, which
-        costs less than :meth:`anyio.Lock.acquire`; contended, it queues.
-        """
-        await anyio.lowlevel.checkpoint()
-        if self._waiting or self._lock.locked():
-            self._waiting += 1
-            try:
-                await self._lock.acquire()
-            finally:
-                self._waiting -= 1
-        else:
-            self._lock.acquire_nowait()
+        """Take the lock, first come first served; always a checkpoint."""
+        await self._lock.acquire()
 
     async def _acquire_shielded(self) -> None:
-        """Take the lock whatever happens: for ops that must complete."""
-        if self._waiting or self._lock.locked():
+        """Take the lock whatever happens: for ops that must complete.
+
+        Not a checkpoint when the lock is free; the callers end with one.
+        """
+        if not self._lock.acquire_nowait():
             with anyio.CancelScope(shield=True):
-                self._waiting += 1
-                try:
-                    await self._lock.acquire()
-                finally:
-                    self._waiting -= 1
-        else:
-            self._lock.acquire_nowait()
+                await self._lock.wait_turn()
 
     # -- refcount ---------------------------------------------------------------
 
@@ -350,7 +334,7 @@ class DmaBuf:
         self._check_live()
         self._refcount -= 1
         if self._refcount:
-            await anyio.lowlevel.checkpoint()
+            await self._lock.checkpoint()
             return
         self._state = _State.RELEASING
         _live.discard(self)
@@ -371,7 +355,7 @@ class DmaBuf:
             )
         if errors:
             raise errors[0]
-        await anyio.lowlevel.checkpoint()
+        await self._lock.checkpoint()
 
     async def _release_locked(self, errors: list[BaseException]) -> None:
         for att in list(self._attachments):
@@ -518,7 +502,7 @@ class DmaBuf:
             await run_to_completion(self._exporter.end_cpu_access(self, mode))
         finally:
             self._lock.release()
-        await anyio.lowlevel.checkpoint()
+        await self._lock.checkpoint()
 
 
 def _check_mode(mode: object) -> None:
@@ -711,7 +695,7 @@ class Attachment:
         direction = check_direction(direction)
         self._check_usable()
         buf = self._buffer
-        if buf._waiting or buf._lock.locked():
+        if buf._lock.contended():
             raise Busy(f"{buf!r} is locked")
         sgt = buf._exporter.try_map(self, direction)
         self._record(sgt, direction)
@@ -756,7 +740,7 @@ class Attachment:
             await run_to_completion(buf._exporter.unmap(self, sgt, sgt._direction))
         finally:
             buf._lock.release()
-        await anyio.lowlevel.checkpoint()
+        await buf._lock.checkpoint()
 
     async def _unmap_if_mapped(self, sgt: SgTable) -> None:
         if sgt._valid:
@@ -803,7 +787,7 @@ class Attachment:
             )
         if errors:
             raise errors[0]
-        await anyio.lowlevel.checkpoint()
+        await buf._lock.checkpoint()
 
     async def _detach_locked(self, errors: list[BaseException]) -> None:
         """Unmap what is left, then detach; the lock is held, cancellation shielded.
