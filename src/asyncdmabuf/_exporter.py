@@ -29,11 +29,15 @@ class Exporter(abc.ABC):
     State belongs in ``buf.priv`` and ``attachment.priv``.
     """
 
-    #: Shown by :func:`asyncdmabuf.bufinfo`; subclasses set their own.
+    #: Shown by :func:`asyncdmabuf.bufinfo`; subclasses set their own (an
+    #: instance may shadow it with a name of its own, as ``SimDevice`` does).
     name: ClassVar[str] = "exporter"
 
     async def attach(self, buf: DmaBuf, attachment: Attachment) -> None:  # noqa: B027
         """Accept a new attachment, or refuse it.
+
+        The new attachment is not yet in ``buf.attachments`` while this runs;
+        it is added only if this returns.
 
         Raises:
             Busy: The backing already exists and cannot serve this device.
