@@ -223,7 +223,6 @@ class _SimState:
         "dispatching",
         "dma_latency",
         "engine",
-        "timeline",
         "evicting",
         "evictions",
         "faults",
@@ -235,6 +234,7 @@ class _SimState:
         "redispatch",
         "resident",
         "restores",
+        "timeline",
         "waiters",
     )
 
