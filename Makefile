@@ -8,19 +8,24 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint typecheck pytest bench clean
+.PHONY: run test lint typecheck docs pytest soak bench clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "asyncdmabuf needs Python 3.11 or newer" >&2; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,docs]'
 	touch $@
 
 run: $(STAMP)
 	$(BIN)/asyncdmabuf stress
 
-test: lint typecheck pytest
+test: lint typecheck docs pytest
+
+# The documentation site, into site/ (gitignored); --strict fails on broken
+# links and docstrings mkdocstrings cannot render.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -32,8 +37,14 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest
 
+# The reliability tests of issue 7, at length (many more examples, steps, cycles).
+soak: $(STAMP)
+	ASYNCDMABUF_SOAK=1 $(BIN)/pytest -p no:cacheprovider --timeout=0 \
+		tests/test_stateful.py tests/test_cancel_points.py tests/test_faults.py \
+		tests/test_leaks.py tests/test_bad_input.py tests/test_fairness.py
+
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_map.py
+	$(BIN)/asyncdmabuf bench
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .mypy_cache .pytest_cache .ruff_cache site

@@ -5,10 +5,11 @@ and is therefore a checkpoint. State changes happen synchronously while the lock
 is held, between awaits, so a cancellation at any await leaves either the old
 state or the new one, never something in between.
 
-The undoing operations (``unmap``, ``detach``, ``put``, ``end_cpu_access``) are
-checkpoints too, but shielded ones: like the kernel's void functions they always
-finish and never raise the cancellation, which the caller meets at its next
-checkpoint. So a ``finally:`` block can undo several things in a row.
+The undoing operations (``unmap``, ``detach``, ``put``, ``end_cpu_access``)
+always finish their work, even in a cancelled scope: waiting for the lock and
+the exporter's op are shielded, like the kernel's void functions. Then, like
+trio's ``aclose()``, each ends with a checkpoint where a pending cancellation is
+raised. The ``async with`` forms nest so that every undo still runs.
 """
 
 from __future__ import annotations
