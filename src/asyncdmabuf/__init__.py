@@ -21,6 +21,7 @@ from ._errors import (
 )
 from ._exporter import CpuMode, Exporter
 from ._fence import Fence, FenceContext
+from ._pool import BufferPool, PoolStatistics
 from ._resv import Reservation, Usage
 from ._sgtable import Direction, SgEntry, SgTable
 from ._share import (
@@ -35,6 +36,7 @@ __all__ = [
     "AttachmentInfo",
     "BadFileDescriptor",
     "BufInfo",
+    "BufferPool",
     "Busy",
     "CpuMode",
     "Device",
@@ -48,6 +50,7 @@ __all__ = [
     "InvalidArgument",
     "NoDevice",
     "OutOfMemory",
+    "PoolStatistics",
     "Reservation",
     "SgEntry",
     "SgTable",

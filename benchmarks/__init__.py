@@ -1,0 +1,1 @@
+"""The micro-benchmarks; ``asyncdmabuf bench`` imports and runs them side by side."""

@@ -1,0 +1,312 @@
+"""The stress engine, its watchdog, and the ``asyncdmabuf`` command line.
+
+Tiny configurations only: the whole file runs in seconds. Time-based behaviour
+(latencies, back-off, the watchdog) runs on trio's MockClock.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from trio.testing import MockClock
+
+from asyncdmabuf import Attachment, Direction, InvalidArgument, SgTable
+from asyncdmabuf import _cli as cli
+from asyncdmabuf.__main__ import main
+from asyncdmabuf._bench import find_benchmarks
+from asyncdmabuf._stress import (
+    LatencySummary,
+    StressConfig,
+    StressReport,
+    percentile,
+    run_stress,
+)
+from asyncdmabuf.exporters import MemfdExporter
+
+pytestmark = pytest.mark.anyio
+
+TINY = StressConfig(
+    tasks=8, buffers=4, devices=2, buffer_size=4096 + 100, ops=200, cancel_rate=0.2
+)
+
+
+def on_mock_clock() -> pytest.MarkDecorator:
+    """Run the test on trio only, with virtual time that jumps when all block."""
+    clock = MockClock(autojump_threshold=0)
+    return pytest.mark.parametrize(
+        "anyio_backend",
+        [pytest.param(("trio", {"clock": clock}), id="trio-mockclock")],
+    )
+
+
+def failed(report: StressReport) -> list[str]:
+    return [f"{inv.name}: {inv.detail}" for inv in report.invariants if not inv.ok]
+
+
+class CorruptingExporter(MemfdExporter):
+    """A broken exporter: every unmap flips the first byte of the buffer."""
+
+    async def unmap(
+        self, attachment: Attachment, sgt: SgTable, direction: Direction
+    ) -> None:
+        with self.vmap(attachment.buffer) as view:
+            view[0] ^= 0xFF
+
+
+# -- the engine ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["block", "try", "mixed"])
+async def test_memfd_run_holds_every_invariant(mode: str) -> None:
+    config = StressConfig(**{**_fields(TINY), "map_mode": mode, "cancel_rate": 0.5})
+    report = await run_stress(config)
+    assert report.ok, failed(report)
+    assert report.ops == 200
+    assert report.exporter == "memfd"
+    assert report.mismatches == 0
+    assert report.bytes_verified >= 200 * 2 * config.buffer_size
+    if mode == "try":
+        assert report.maps == report.cancellations == 0  # try_map never blocks
+        assert report.try_maps >= 400
+    else:
+        assert report.maps > 0
+        if mode == "block":  # 400 blocking maps, half of them cancelled at random
+            assert report.cancellations > 0
+        assert report.map_latency.count == report.maps
+        assert (
+            report.map_latency.p50 <= report.map_latency.p99 <= report.map_latency.max
+        )
+    assert not report.hung
+
+
+@on_mock_clock()
+async def test_simdev_with_faults_eviction_and_latency() -> None:
+    config = StressConfig(
+        exporter="simdev",
+        tasks=6,
+        buffers=8,
+        devices=2,
+        buffer_size=4096,
+        memory=4 * 4096,  # half the buffers: the rest must be evicted to map
+        ops=150,
+        map_mode="try",
+        fault_rate=0.03,
+        alloc_latency=0.001,
+        seed=7,
+    )
+    report = await run_stress(config)
+    assert report.ok, failed(report)
+    assert report.ops == 150
+    assert report.busy > 0  # not resident yet, or memory full
+    assert report.evictions > 0
+    assert report.move_notifies > 0
+    assert 0 < report.faults <= report.faults_injected
+    assert report.errors == ()
+
+
+DEADLOCK = StressConfig(
+    exporter="simdev",
+    tasks=8,
+    buffers=16,
+    devices=2,
+    buffer_size=4096,
+    memory=4 * 4096,  # 4 of 16 buffers fit; every op maps 2 at once
+    maps_per_op=2,
+    ops=100_000,
+    map_mode="block",
+    cancel_rate=0.0,
+    alloc_latency=0.001,
+    watchdog=5.0,
+)
+
+
+@on_mock_clock()
+async def test_watchdog_shows_the_deadlock_of_blocking_maps() -> None:
+    report = await run_stress(DEADLOCK)
+    assert report.hung
+    assert not report.ok
+    assert report.ops < 100_000
+    text = "\n".join(report.hang_report)
+    assert "no operation completed for 5.0" in text
+    assert "of memory on 'simdev0'" in text  # who waits for device memory
+    assert "holds stress-" in text  # ...while holding a mapping
+    assert "its memory is pinned by" in text  # and who pins that memory
+    assert "deadlock" in text
+    # The watchdog cancelled the waiters, and the cancellation left nothing.
+    broken = {inv.name for inv in report.invariants if not inv.ok}
+    assert broken == {"no hang"}
+
+
+@on_mock_clock()
+async def test_try_map_with_back_off_avoids_that_deadlock() -> None:
+    config = StressConfig(**{**_fields(DEADLOCK), "map_mode": "try", "ops": 300})
+    report = await run_stress(config)
+    assert report.ok, failed(report)
+    assert report.ops == 300
+    assert report.busy > 0
+    assert not report.hung
+
+
+@on_mock_clock()
+async def test_watchdog_names_the_lock_holder() -> None:
+    # One buffer, blocking maps, no memory to spare: the first task waits for
+    # memory holding the buffer's lock; the others wait for that lock.
+    config = StressConfig(
+        **{
+            **_fields(DEADLOCK),
+            "buffers": 2,
+            "memory": 4096,
+            "tasks": 3,
+            "maps_per_op": 2,
+        }
+    )
+    report = await run_stress(config)
+    assert report.hung
+    text = "\n".join(report.hang_report)
+    assert "waits for the lock of stress-" in text
+    assert "held by worker-" in text
+
+
+async def test_corruption_is_caught() -> None:
+    report = await run_stress(TINY, exporter=CorruptingExporter())
+    assert not report.ok
+    assert report.mismatches > 0
+    (bytes_check,) = [inv for inv in report.invariants if inv.name == "bytes intact"]
+    assert not bytes_check.ok
+    assert "byte 0 is" in bytes_check.detail
+
+
+async def test_duration_bound_run_and_monitor() -> None:
+    seen: list[int] = []
+    config = StressConfig(**{**_fields(TINY), "ops": None, "duration": 0.05})
+    report = await run_stress(
+        config, monitor=lambda p: seen.append(p.ops_done), monitor_interval=0.01
+    )
+    assert report.ok, failed(report)
+    assert report.ops > 0
+    assert seen
+    assert seen[0] == 0
+
+
+def _fields(config: StressConfig) -> dict[str, Any]:
+    return {name: getattr(config, name) for name in config.__dataclass_fields__}
+
+
+def test_percentiles_and_summary() -> None:
+    samples = [float(i) for i in range(1, 101)]
+    assert percentile(samples, 50) == 50.0
+    assert percentile(samples, 99) == 99.0
+    assert percentile(samples, 100) == 100.0
+    assert percentile([3.0], 90) == 3.0
+    summary = LatencySummary.of(list(reversed(samples)))
+    assert (summary.count, summary.p50, summary.p90, summary.max) == (100, 50, 90, 100)
+    assert summary.quantiles[0] == 1.0
+    assert summary.quantiles[-1] == 100.0
+    assert LatencySummary.of([]).count == 0
+    with pytest.raises(InvalidArgument):
+        percentile([], 50)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"tasks": 0},
+        {"ops": None, "duration": None},
+        {"maps_per_op": 5, "buffers": 4},
+        {"cancel_rate": 1.5},
+        {"map_mode": "sometimes"},
+        {"watchdog": -1.0},
+    ],
+)
+def test_config_rejects_bad_values(bad: dict[str, Any]) -> None:
+    with pytest.raises(InvalidArgument):
+        StressConfig(**bad)
+
+
+# -- the command line ------------------------------------------------------------------
+
+SMALL = ["--tasks", "4", "--buffers", "4", "--buffer-size", "4K", "--ops", "100"]
+
+
+def test_cli_all_backends_json_and_exit_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "stress.json"
+    status = main(["stress", *SMALL, "--backend", "all", "--json", str(out)])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "backends compared" in printed
+    assert "every invariant held" in printed
+    data = json.loads(out.read_text())
+    assert data["ok"] is True
+    assert [run["backend"] for run in data["runs"]] == ["asyncio", "uvloop", "trio"]
+    run = data["runs"][0]
+    assert run["ops"] == 100
+    assert {"p50", "p90", "p99", "max"} <= set(run["map_latency"])
+    assert {inv["name"] for inv in run["invariants"]} >= {
+        "no live mapping",
+        "no fd left",
+        "bytes intact",
+    }
+
+
+def test_cli_exits_non_zero_when_an_invariant_fails(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(
+        cli, "run_stress", functools.partial(run_stress, exporter=CorruptingExporter())
+    )
+    assert main(["stress", *SMALL, "--quiet"]) == 1
+    printed = capsys.readouterr().out
+    assert "bytes intact" in printed
+    assert "FAILED" in printed
+
+
+def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["stress", *SMALL, "--exporter", "no-such-thing"]) == 2
+    assert "no exporter named 'no-such-thing'" in capsys.readouterr().out
+    assert main(["stress", "--tasks", "2", "--buffers", "1", "--ops", "5"]) == 2
+    with pytest.raises(SystemExit):
+        main(["stress", "--buffer-size", "lots"])
+    assert cli.parse_size("64K") == 65536
+    assert cli.parse_size("1MiB") == 1 << 20
+
+
+def test_cli_plot(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "stress.png"
+    assert main(["stress", *SMALL, "--quiet", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_plot_without_matplotlib_says_how_to_get_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["stress", *SMALL, "--plot", str(tmp_path / "x.png")]) == 2
+    assert "asyncdmabuf[plot]" in capsys.readouterr().out
+
+
+def test_python_dash_m_runs_stress() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "asyncdmabuf", "stress", *SMALL, "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "every invariant held" in done.stdout
+
+
+def test_bench_finds_the_checkout_benchmarks() -> None:
+    folder = find_benchmarks()
+    assert folder is not None
+    assert (folder / "bench_map.py").is_file()
+    assert (folder / "bench_scale.py").is_file()
