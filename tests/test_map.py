@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import asyncdmabuf as dmabuf
@@ -432,4 +433,33 @@ async def test_sgtable_is_an_immutable_sequence() -> None:
             sgt[0] = sgt[0]  # type: ignore[index]
         with pytest.raises(AttributeError):
             sgt.direction = Direction.NONE  # type: ignore[misc]
+    await buf.put()
+
+
+async def test_async_with_blocks_unwind_fully_in_a_cancelled_scope() -> None:
+    exp = RecordingExporter()
+    buf = exp.make()
+    with anyio.CancelScope() as scope:
+        async with buf.attach(dmabuf.Device("gpu")) as att:
+            async with att.map(Direction.TO_DEVICE) as sgt:
+                scope.cancel()
+            # The map block's exit unmapped without raising the cancellation...
+            assert not sgt.valid
+        # ...and so did the attach block's: every undo ran.
+        assert not att.attached
+        await anyio.lowlevel.checkpoint()  # where the cancellation surfaces
+    assert scope.cancelled_caught
+    assert exp.calls[-2:] == ["unmap gpu", "detach gpu"]
+    await buf.put()
+
+
+async def test_async_with_exit_does_not_checkpoint_when_uncontended() -> None:
+    buf = RecordingExporter().make()
+    att = await buf.attach(dmabuf.Device("gpu"))
+    op = att.map(Direction.TO_DEVICE)
+    await op.__aenter__()
+    async with assert_no_checkpoints():
+        await op.__aexit__(None, None, None)
+    assert att.mappings == ()
+    await att.detach()
     await buf.put()

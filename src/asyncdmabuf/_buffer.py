@@ -77,6 +77,11 @@ class _Operation(Generic[T]):
 
     ``await op`` gives the result and leaves its undoing to the caller;
     ``async with op as result`` undoes it on exit (``detach`` / ``unmap``).
+    As with trio's ``async with lock``, the block checkpoints on entry; its exit
+    completes the undoing without a checkpoint of its own (it waits, shielded,
+    only if the buffer's lock is contended), so nested blocks unwind fully
+    even in a cancelled scope, and the cancellation surfaces at the next
+    checkpoint.
     """
 
     __slots__ = ("_coro", "_result", "_undo")
@@ -486,6 +491,11 @@ class DmaBuf:
         Raises:
             InvalidArgument: A bad mode, or no matching ``begin_cpu_access``.
         """
+        await self._end_cpu_access(mode)
+        await self._lock.checkpoint()
+
+    async def _end_cpu_access(self, mode: CpuMode) -> None:
+        """:meth:`end_cpu_access` without the final checkpoint (for ``__aexit__``)."""
         _check_mode(mode)
         if not self._cpu_access.get(mode):
             raise InvalidArgument(f"end_cpu_access({mode!r}) without begin_cpu_access")
@@ -503,7 +513,6 @@ class DmaBuf:
             await run_to_completion(self._exporter.end_cpu_access(self, mode))
         finally:
             self._lock.release()
-        await self._lock.checkpoint()
 
 
 def _check_mode(mode: object) -> None:
@@ -562,7 +571,9 @@ class _CpuAccess:
             if base is not None:
                 base.release()  # BufferError while anything still holds it
         finally:
-            await self._buf.end_cpu_access(self._mode)
+            # Like trio's ``async with lock``, the block's checkpoint was at entry:
+            # the exit ends the access (waiting, shielded, only if contended).
+            await self._buf._end_cpu_access(self._mode)
 
 
 @final
@@ -730,6 +741,11 @@ class Attachment:
             InvalidArgument: The table is already unmapped, or belongs to
                 another attachment.
         """
+        await self._unmap(sgt)
+        await self._buffer._lock.checkpoint()
+
+    async def _unmap(self, sgt: SgTable) -> None:
+        """:meth:`unmap` without the final checkpoint (for ``__aexit__``)."""
         if not isinstance(sgt, SgTable):
             raise TypeError(f"unmap() needs an SgTable, not {type(sgt).__name__}")
         self._check_mapped(sgt)
@@ -741,11 +757,10 @@ class Attachment:
             await run_to_completion(buf._exporter.unmap(self, sgt, sgt._direction))
         finally:
             buf._lock.release()
-        await buf._lock.checkpoint()
 
     async def _unmap_if_mapped(self, sgt: SgTable) -> None:
         if sgt._valid:
-            await self.unmap(sgt)
+            await self._unmap(sgt)
 
     def _check_mapped(self, sgt: SgTable) -> None:
         if sgt._attachment is not self:
@@ -768,6 +783,11 @@ class Attachment:
         Raises:
             InvalidArgument: Already detached.
         """
+        await self._detach()
+        await self._buffer._lock.checkpoint()
+
+    async def _detach(self) -> None:
+        """:meth:`detach` without the final checkpoint (for ``__aexit__``)."""
         if not self._attached:
             raise InvalidArgument(f"{self!r} is already detached")
         buf = self._buffer
@@ -784,11 +804,10 @@ class Attachment:
             warnings.warn(
                 f"{self!r} detached with {leftovers} table(s) still mapped",
                 ResourceWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         if errors:
             raise errors[0]
-        await buf._lock.checkpoint()
 
     async def _detach_locked(self, errors: list[BaseException]) -> None:
         """Unmap what is left, then detach; the lock is held, cancellation shielded.
@@ -812,7 +831,7 @@ class Attachment:
 
 async def _detach_if_attached(att: Attachment) -> None:
     if att._attached:
-        await att.detach()
+        await att._detach()
 
 
 async def _shielded(coro: Coroutine[Any, Any, T]) -> T:
