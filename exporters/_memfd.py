@@ -141,6 +141,9 @@ class MemfdExporter(Exporter):
         fd = sealed_memfd(name or "dmabuf", size)
         try:
             backing = _Backing(fd, size, writable=True)
+        except OSError as exc:  # ENOMEM for sizes no mapping can hold
+            os.close(fd)
+            raise from_oserror(exc, f"mapping {size} bytes") from None
         except BaseException:
             os.close(fd)
             raise

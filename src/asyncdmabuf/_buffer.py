@@ -307,18 +307,13 @@ class DmaBuf:
 
     # -- the lock -----------------------------------------------------------------
 
-    async def _acquire(self) -> None:
-        """Take the lock, first come first served; always a checkpoint."""
-        await self._lock.acquire()
+    async def _wait_shielded(self) -> None:
+        """Queue for the lock whatever happens: for undo ops, which must complete.
 
-    async def _acquire_shielded(self) -> None:
-        """Take the lock whatever happens: for ops that must complete.
-
-        Not a checkpoint when the lock is free; the callers end with one.
+        Callers first try ``self._lock.acquire_nowait()``, which costs nothing.
         """
-        if not self._lock.acquire_nowait():
-            with anyio.CancelScope(shield=True):
-                await self._lock.wait_turn()
+        with anyio.CancelScope(shield=True):
+            await self._lock.wait_turn()
 
     # -- refcount ---------------------------------------------------------------
 
@@ -346,7 +341,8 @@ class DmaBuf:
         _live.discard(self)
         leftovers = [att.device.name for att in self._attachments]
         errors: list[BaseException] = []
-        await self._acquire_shielded()
+        if not self._lock.acquire_nowait():
+            await self._wait_shielded()
         try:
             await run_to_completion(self._release_locked(errors))
         finally:
@@ -427,7 +423,7 @@ class DmaBuf:
     async def _attach(
         self, device: Device, move_notify: MoveNotify | None
     ) -> Attachment:
-        await self._acquire()
+        await self._lock.acquire()
         try:
             self._check_live()
             att = Attachment(self, device, move_notify)
@@ -471,7 +467,7 @@ class DmaBuf:
             resv = self._resv
             if resv is not None and not resv.test_for_cpu(mode):
                 await resv.wait_for_cpu(mode)
-            await self._acquire()
+            await self._lock.acquire()
             if resv is None or resv.test_for_cpu(mode):
                 break
             self._lock.release()  # a fence came while we queued: wait again
@@ -499,7 +495,8 @@ class DmaBuf:
         _check_mode(mode)
         if not self._cpu_access.get(mode):
             raise InvalidArgument(f"end_cpu_access({mode!r}) without begin_cpu_access")
-        await self._acquire_shielded()
+        if not self._lock.acquire_nowait():
+            await self._wait_shielded()
         try:
             count = self._cpu_access.get(mode, 0)
             if not count:
@@ -682,7 +679,7 @@ class Attachment:
 
     async def _map(self, direction: Direction) -> SgTable:
         buf = self._buffer
-        await buf._acquire()
+        await buf._lock.acquire()
         try:
             self._check_usable()
             sgt = await buf._exporter.map(self, direction)
@@ -750,7 +747,8 @@ class Attachment:
             raise TypeError(f"unmap() needs an SgTable, not {type(sgt).__name__}")
         self._check_mapped(sgt)
         buf = self._buffer
-        await buf._acquire_shielded()
+        if not buf._lock.acquire_nowait():
+            await buf._wait_shielded()
         try:
             self._check_mapped(sgt)
             self._forget(sgt)
@@ -792,7 +790,8 @@ class Attachment:
             raise InvalidArgument(f"{self!r} is already detached")
         buf = self._buffer
         errors: list[BaseException] = []
-        await buf._acquire_shielded()
+        if not buf._lock.acquire_nowait():
+            await buf._wait_shielded()
         try:
             if not self._attached:
                 raise InvalidArgument(f"{self!r} is already detached")

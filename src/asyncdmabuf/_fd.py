@@ -7,13 +7,15 @@ import fcntl
 import os
 import stat
 
-from ._errors import BadFileDescriptor, InvalidArgument, from_oserror
+from ._errors import BadFileDescriptor, InvalidArgument, OutOfMemory, from_oserror
 
 __all__ = ["dup_cloexec", "file_identity", "is_shareable_memory", "sealed_memfd"]
 
 #: Seals every memfd gets before it can leave the process: nobody can shrink it
 #: under a mapping (SIGBUS), grow it, or take the seals off.
 MEMFD_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+#: The largest fd number there can be (fds are C ints).
+_FD_MAX = 2**31 - 1
 
 
 def check_fd(fd: object) -> int:
@@ -21,11 +23,11 @@ def check_fd(fd: object) -> int:
 
     Raises:
         TypeError: ``fd`` is not an int.
-        BadFileDescriptor: ``fd`` is negative.
+        BadFileDescriptor: ``fd`` is negative or beyond any fd number.
     """
     if not isinstance(fd, int) or isinstance(fd, bool):
         raise TypeError(f"an fd is an int, not {type(fd).__name__}")
-    if fd < 0:
+    if not 0 <= fd <= _FD_MAX:  # an fd is a C int: beyond it, none is open
         raise BadFileDescriptor(f"fd {fd} is not open")
     return fd
 
@@ -91,6 +93,9 @@ def sealed_memfd(name: str, size: int) -> int:
     except OSError as exc:
         os.close(fd)
         raise from_oserror(exc, f"sizing a memfd to {size} bytes") from None
+    except OverflowError:  # beyond off_t: no file can ever be that large
+        os.close(fd)
+        raise OutOfMemory(f"a memfd cannot hold {size} bytes") from None
     except BaseException:
         os.close(fd)
         raise
@@ -102,12 +107,17 @@ def check_name(name: object) -> str | None:
 
     Raises:
         TypeError: ``name`` is neither a str nor None.
-        InvalidArgument: It is longer than 32 bytes of UTF-8 or holds a NUL.
+        InvalidArgument: It is longer than 32 bytes of UTF-8, holds a NUL, or
+            is not valid UTF-8 (a lone surrogate).
     """
     if name is None:
         return None
     if not isinstance(name, str):
         raise TypeError(f"a buffer name is a str, not {type(name).__name__}")
-    if len(name.encode("utf-8", errors="surrogatepass")) > 32 or "\0" in name:
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: no UTF-8 for the kernel's name
+        raise InvalidArgument(f"buffer name {name!r} is not valid UTF-8") from None
+    if len(encoded) > 32 or "\0" in name:
         raise InvalidArgument(f"buffer name {name!r} is longer than 32 bytes")
     return name

@@ -131,6 +131,9 @@ async def send_buffer(
     if format is not None and not isinstance(format, str):
         raise TypeError(f"format must be a str or None, not {_tn(format)}")
     format_bytes = _encode(format, "format", MAX_FORMAT)
+    if not buf.released and not buf.shared:
+        # Its exporter keeps the bytes elsewhere; do not make it an empty file.
+        raise InvalidArgument(f"{buf!r} has no shareable memory")
     fd = buf.fd()  # raises InvalidArgument once released
     try:
         _check_sendable(fd, buf)
