@@ -9,6 +9,7 @@ trio's scheduler shuffles each batch, so the witness would prove nothing there).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import AbstractContextManager, nullcontext
@@ -62,3 +63,29 @@ def checkpoints(backend: str) -> AbstractContextManager[object]:
 def no_checkpoints(backend: str) -> AbstractContextManager[object]:
     """Assert no checkpoint happens (on trio, where it can be observed)."""
     return trio.testing.assert_no_checkpoints() if backend == "trio" else nullcontext()
+
+
+async def wait_all_blocked() -> None:
+    """Return once every other task is blocked (``wait_all_tasks_blocked``).
+
+    anyio's asyncio version sleeps 0.1 s whenever a task is still runnable;
+    this one only yields, so the many calls of these tests stay cheap. On
+    trio it is trio's own.
+    """
+    if sniffio.current_async_library() == "trio":
+        import trio.testing
+
+        await trio.testing.wait_all_tasks_blocked()
+        return
+    this_task = asyncio.current_task()
+    await asyncio.sleep(0)
+    while True:
+        for task in asyncio.all_tasks():
+            if task is this_task:
+                continue
+            waiter = task._fut_waiter  # type: ignore[attr-defined]
+            if waiter is None or waiter.done():
+                await asyncio.sleep(0)
+                break
+        else:
+            return

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Coroutine, Generator
 from typing import Any, ClassVar, TypeVar
@@ -20,7 +19,6 @@ from typing import Any, ClassVar, TypeVar
 import anyio
 import anyio.lowlevel
 import pytest
-import sniffio
 from hypothesis import HealthCheck, settings
 
 from asyncdmabuf import (
@@ -35,6 +33,8 @@ from asyncdmabuf import (
 )
 from asyncdmabuf._sgtable import Direction
 from asyncdmabuf.exporters import SimDevice
+
+from .helpers import wait_all_blocked
 
 T = TypeVar("T")
 
@@ -132,32 +132,6 @@ async def cancel_at(coro: Coroutine[Any, Any, T], k: int) -> tuple[bool, int, T 
     with driver._scope as scope:
         result = await driver
     return scope.cancelled_caught, driver.suspensions, result
-
-
-async def wait_all_blocked() -> None:
-    """Return once every other task is blocked (``wait_all_tasks_blocked``).
-
-    anyio's asyncio version sleeps 0.1 s whenever a task is still runnable;
-    this one only yields, so the many calls of these tests stay cheap. On
-    trio it is trio's own.
-    """
-    if sniffio.current_async_library() == "trio":
-        import trio.testing
-
-        await trio.testing.wait_all_tasks_blocked()
-        return
-    this_task = asyncio.current_task()
-    await asyncio.sleep(0)
-    while True:
-        for task in asyncio.all_tasks():
-            if task is this_task:
-                continue
-            waiter = task._fut_waiter  # type: ignore[attr-defined]
-            if waiter is None or waiter.done():
-                await asyncio.sleep(0)
-                break
-        else:
-            return
 
 
 async def run_or_cancel_when_blocked(

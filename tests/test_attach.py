@@ -8,7 +8,7 @@ import pytest
 import asyncdmabuf as dmabuf
 
 from .exporters_for_tests import RecordingExporter
-from .helpers import assert_checkpoints
+from .helpers import assert_checkpoints, wait_all_blocked
 
 pytestmark = pytest.mark.anyio
 
@@ -145,5 +145,5 @@ async def test_attach_cancelled_while_waiting_for_the_lock_records_nothing() -> 
 
 
 async def _cancel_when_blocked(scope: anyio.CancelScope) -> None:
-    await anyio.wait_all_tasks_blocked()
+    await wait_all_blocked()
     scope.cancel()

@@ -33,7 +33,8 @@ from asyncdmabuf import Device, Direction, DmaBuf, Fence, SgTable, Usage
 from asyncdmabuf._buffer import live_buffers
 from asyncdmabuf.exporters import MemfdExporter, SimDevice
 
-from .reliability import assert_quiet, assert_sim_exact, cancel_at, wait_all_blocked
+from .helpers import wait_all_blocked
+from .reliability import assert_quiet, assert_sim_exact, cancel_at
 
 pytestmark = pytest.mark.anyio
 

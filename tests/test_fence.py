@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import asyncdmabuf
 from asyncdmabuf import DmaBufError, Fence, FenceContext, InvalidArgument, _fence
 
-from .helpers import checkpoints, no_checkpoints
+from .helpers import checkpoints, no_checkpoints, wait_all_blocked
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("no_socket_leaks")]
 
@@ -143,7 +143,7 @@ async def test_wait_pending_checkpoints(anyio_backend_name: str) -> None:
     fence = Fence()
     async with anyio.create_task_group() as tg:
         tg.start_soon(fence.wait)
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         fence.signal()
         with checkpoints(anyio_backend_name):
             await fence.wait()
@@ -172,7 +172,7 @@ async def test_wait_blocks_until_signal_then_reads_error() -> None:
     async with anyio.create_task_group() as tg:
         for _ in range(5):
             tg.start_soon(waiter)
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         assert seen == []
         assert fence._waiters == 5
         fence.signal(errno.ENOSPC)
@@ -198,10 +198,10 @@ async def test_cancelled_wait_leaves_nothing_and_retry_works() -> None:
         scopes = [anyio.CancelScope() for _ in range(3)]
         for scope in scopes:
             tg.start_soon(waiter, scope)
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         assert fence._waiters == 3
         scopes[0].cancel()
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         assert fence._waiters == 2
         for scope in scopes[1:]:
             scope.cancel()
@@ -211,7 +211,7 @@ async def test_cancelled_wait_leaves_nothing_and_retry_works() -> None:
     # A retry works.
     async with anyio.create_task_group() as tg:
         tg.start_soon(fence.wait)
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         fence.signal()
     assert_clean(fence)
 
@@ -437,9 +437,9 @@ async def test_waiters_on_earlier_fences_wake_in_order() -> None:
     async with anyio.create_task_group() as tg:
         for fence in fences:
             tg.start_soon(waiter, fence)
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         fences[1].signal()
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         assert sorted(woke) == [1, 2]
         fences[2].signal()
     assert sorted(woke) == [1, 2, 3]
@@ -602,9 +602,9 @@ async def test_wait_on_arrays() -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(waiter, "all", every)
         tg.start_soon(waiter, "any", either)
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         b.signal()
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         assert woke == ["any"]
         a.signal()
     assert woke == ["any", "all"]
@@ -676,7 +676,7 @@ async def test_error_crosses_the_fd(
         assert not is_signaled(imported)
         async with anyio.create_task_group() as tg:
             tg.start_soon(imported.wait)
-            await anyio.wait_all_tasks_blocked()
+            await wait_all_blocked()
             fence.signal(error)
         assert imported.signaled
         assert code(imported) == (expected or 0)
@@ -701,10 +701,10 @@ async def test_imported_fence_many_waiters_and_hand_over() -> None:
     async with anyio.create_task_group() as tg:
         for i in range(3):
             tg.start_soon(waiter, i)
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         assert imported._polling
         scopes[0].cancel()  # the first waiter watches the fd; another takes over
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         assert imported._polling
         fence.signal()
     assert sorted(woke) == [1, 2]
@@ -721,14 +721,14 @@ async def test_imported_fence_cancel_leaves_nothing_and_retry_works() -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(imported.wait)
             tg.start_soon(imported.wait)
-            await anyio.wait_all_tasks_blocked()
+            await wait_all_blocked()
             scope.cancel()
     assert scope.cancelled_caught
     assert not imported._polling
     assert_clean(imported)
     async with anyio.create_task_group() as tg:
         tg.start_soon(imported.wait)
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         fence.signal()
     assert imported.signaled
 
@@ -825,7 +825,7 @@ async def test_arrays_of_imported_fences_drive_them() -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(waiter, "all", every)
         tg.start_soon(waiter, "any", either)
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         owners[1].signal(errno.EIO)
         await any_woke.wait()  # the fd's readiness, not a task, wakes it
         assert woke == ["any"]
@@ -958,7 +958,7 @@ async def test_we_await_a_fence_of_a_child(command: bytes, expected: int) -> Non
             assert not is_signaled(imported)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(imported.wait)
-                await anyio.wait_all_tasks_blocked()
+                await wait_all_blocked()
                 assert not is_signaled(imported)
                 ours.sendall(command)
             assert imported.signaled

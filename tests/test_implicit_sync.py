@@ -15,7 +15,7 @@ import asyncdmabuf as dmabuf
 from asyncdmabuf import Direction, Fence, Usage
 from asyncdmabuf.exporters import MemfdExporter, SimDevice
 
-from .helpers import assert_checkpoints
+from .helpers import assert_checkpoints, wait_all_blocked
 
 pytestmark = pytest.mark.anyio
 
@@ -47,7 +47,7 @@ async def test_cpu_access_waits_for_the_right_fences(
     done: list[str] = []
     async with anyio.create_task_group() as tg:
         tg.start_soon(_access_after, buf, mode, done)
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         assert done == ([] if waits else [mode])
         fence.signal()
     assert done == [mode]
@@ -69,10 +69,10 @@ async def test_a_fence_added_while_queued_for_the_lock_is_waited_for() -> None:
     done: list[str] = []
     async with anyio.create_task_group() as tg:
         tg.start_soon(_access_after, buf, "r", done)
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         buf.resv.add_fence(second, Usage.WRITE)
         first.signal()
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         assert done == []
         second.signal()
     assert done == ["r"]
@@ -162,7 +162,7 @@ async def _pipeline() -> None:
         start = anyio.current_time()
         async with anyio.create_task_group() as tg:
             tg.start_soon(dev.copy, s, d)
-            await anyio.wait_all_tasks_blocked()
+            await wait_all_blocked()
             tg.start_soon(reader)
     assert seen == [(start + 1.0, b"\x5a" * 4)]
     await src.put()

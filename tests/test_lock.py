@@ -7,7 +7,7 @@ import pytest
 
 from asyncdmabuf._lock import FifoLock, native_checkpoint, task_name
 
-from .helpers import assert_checkpoints, assert_no_checkpoints
+from .helpers import assert_checkpoints, assert_no_checkpoints, wait_all_blocked
 
 pytestmark = pytest.mark.anyio
 
@@ -49,7 +49,7 @@ async def test_waiters_are_served_in_arrival_order_and_none_barges_in() -> None:
     async with anyio.create_task_group() as tg:
         for i in range(5):
             tg.start_soon(take, i)
-            await anyio.wait_all_tasks_blocked()
+            await wait_all_blocked()
         assert lock.waiting == 5
         lock.release()
         # Handed straight to the first waiter: still held, nobody may barge in.
@@ -65,7 +65,7 @@ async def test_a_cancelled_waiter_leaves_the_queue() -> None:
     with anyio.CancelScope() as scope:
 
         async def cancel_when_blocked() -> None:
-            await anyio.wait_all_tasks_blocked()
+            await wait_all_blocked()
             assert lock.waiting == 1
             scope.cancel()
 
@@ -97,9 +97,9 @@ async def test_a_waiter_cancelled_as_it_is_handed_the_lock_passes_it_on() -> Non
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(victim)
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         tg.start_soon(next_in_line)
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         lock.release()  # hands the lock to the victim...
         victim_scope.cancel()  # ...which is cancelled before it can run
     # asyncio delivers the cancellation and the victim passes the lock on;

@@ -12,13 +12,13 @@ import asyncdmabuf as dmabuf
 from asyncdmabuf import Direction
 
 from .exporters_for_tests import BASE, RecordingExporter, WaitingExporter
-from .helpers import assert_checkpoints, assert_no_checkpoints
+from .helpers import assert_checkpoints, assert_no_checkpoints, wait_all_blocked
 
 pytestmark = pytest.mark.anyio
 
 
 async def _cancel_when_blocked(scope: anyio.CancelScope) -> None:
-    await anyio.wait_all_tasks_blocked()
+    await wait_all_blocked()
     scope.cancel()
 
 
@@ -107,7 +107,7 @@ async def test_try_map_is_busy_while_the_lock_is_held_or_queued() -> None:
         with pytest.raises(dmabuf.Busy):  # held
             probe.try_map(Direction.TO_DEVICE)
         tg.start_soon(map_into, second)
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         with pytest.raises(dmabuf.Busy):  # held and queued
             probe.try_map(Direction.TO_DEVICE)
         exp.gate.set()
@@ -136,7 +136,7 @@ async def test_waiters_are_served_first_come_first_served() -> None:
     async with anyio.create_task_group() as tg:
         for att in atts:
             tg.start_soon(map_into, att)
-            await anyio.wait_all_tasks_blocked()  # arrival order is list order
+            await wait_all_blocked()  # arrival order is list order
         exp.gate.set()
     assert exp.calls == [f"map {name}" for name in names]
     assert [t.attachment.device.name for t in tables] == names
@@ -210,7 +210,7 @@ async def test_uninterruptible_map_finishes_despite_cancellation() -> None:
     att = await buf.attach(dmabuf.Device("gpu"))
 
     async def open_gate_when_blocked() -> None:
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         gate.set()
 
     async with anyio.create_task_group() as tg:
@@ -258,7 +258,7 @@ async def test_undoing_completes_while_cancelled_waiting_for_the_lock() -> None:
         held.append(await holder.map(Direction.TO_DEVICE))
 
     async def open_gate_when_blocked() -> None:
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         gate.set()
 
     async with anyio.create_task_group() as tg:
@@ -325,9 +325,9 @@ async def test_a_queued_map_whose_attachment_is_detached_meanwhile() -> None:
         tg.start_soon(hold)
         await exp.map_started.wait()
         tg.start_soon(victim.detach)  # queued first
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         tg.start_soon(queued)  # queued behind the detach
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         exp.gate.set()
     # FIFO: the detach ran first, so the map found its attachment gone.
     held, refused = results

@@ -7,7 +7,6 @@ from typing import ClassVar
 import anyio
 import anyio.lowlevel
 import pytest
-from anyio import wait_all_tasks_blocked
 
 import asyncdmabuf as dmabuf
 from asyncdmabuf import (
@@ -21,6 +20,8 @@ from asyncdmabuf import (
     SgTable,
 )
 from asyncdmabuf.exporters import MemfdExporter, SimDevice
+
+from .helpers import wait_all_blocked
 
 pytestmark = pytest.mark.anyio
 
@@ -102,15 +103,15 @@ async def test_the_bound_makes_acquirers_wait_first_come_first_served() -> None:
         async with anyio.create_task_group() as tg:
             for i in range(3):
                 tg.start_soon(waiter, i)
-                await wait_all_tasks_blocked()
+                await wait_all_blocked()
             assert pool.statistics().waiters == 3
             assert not served
             pool.release(held[1])
-            await wait_all_tasks_blocked()
+            await wait_all_blocked()
             assert [i for i, _ in served] == [0]
             assert served[0][1] is held[1]
             pool.release(held[0])
-            await wait_all_tasks_blocked()
+            await wait_all_blocked()
             assert [i for i, _ in served] == [0, 1]
             pool.release(served[0][1])
         assert [i for i, _ in served] == [0, 1, 2]
@@ -148,9 +149,9 @@ async def test_a_waiter_cancelled_after_being_served_passes_the_buffer_on() -> N
                 got.append(await pool.acquire())
 
             tg.start_soon(first)
-            await wait_all_tasks_blocked()
+            await wait_all_blocked()
             tg.start_soon(second)
-            await wait_all_tasks_blocked()
+            await wait_all_blocked()
             pool.release(buf)  # handed to first...
             first_scope.cancel()  # ...which is cancelled before it runs
         assert len(got) in (1, 2)
@@ -205,9 +206,9 @@ async def test_close_puts_everything_and_wakes_waiters() -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(waiter)
-        await wait_all_tasks_blocked()
+        await wait_all_blocked()
         tg.start_soon(pool.aclose)
-        await wait_all_tasks_blocked()
+        await wait_all_blocked()
         assert len(errors) == 1
         assert pool.closed
         assert not buf.released  # lent: close waits for it

@@ -27,7 +27,7 @@ from asyncdmabuf import (
     _fence,
 )
 
-from .helpers import checkpoints, no_checkpoints
+from .helpers import checkpoints, no_checkpoints, wait_all_blocked
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("no_socket_leaks")]
 
@@ -91,7 +91,7 @@ async def test_wait_each_usage(
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(waiter)
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         assert done == (added > asked)
         fence.signal()
     assert done
@@ -131,10 +131,10 @@ async def test_wait_considers_fences_added_while_waiting() -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(waiter)
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         resv.add_fence(second, Usage.READ)
         first.signal()
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         assert not done
         second.signal()
     assert done
@@ -158,7 +158,7 @@ async def test_cancelled_wait_leaves_nothing_and_retry_works() -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(resv.wait, Usage.WRITE)
             tg.start_soon(resv.wait_for_cpu, "rw")
-            await anyio.wait_all_tasks_blocked()
+            await wait_all_blocked()
             assert fence._waiters == 2
             scope.cancel()
     assert scope.cancelled_caught
@@ -167,7 +167,7 @@ async def test_cancelled_wait_leaves_nothing_and_retry_works() -> None:
     assert [f for f, _ in resv.fences()] == [fence]
     async with anyio.create_task_group() as tg:
         tg.start_soon(resv.wait, Usage.WRITE)
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         fence.signal()
     assert resv.test(Usage.WRITE)
 
@@ -366,7 +366,7 @@ async def test_wait_for_cpu(
     async with anyio.create_task_group() as tg:
         for mode in ("r", "w", "rw"):
             tg.start_soon(access, mode)
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         expected = [] if reader_waits else ["r"]
         if not writer_waits:
             expected += ["w", "rw"]
@@ -487,7 +487,7 @@ async def test_sync_fd_round_trip_between_reservations() -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(reader)
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         assert not done
         fence.signal()
     assert done
@@ -562,7 +562,7 @@ async def test_reader_sees_the_writers_bytes_only_after_its_fence() -> None:
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(reader)
-                await anyio.wait_all_tasks_blocked()
+                await wait_all_blocked()
                 assert seen == []
                 assert not resv.test_for_cpu("r")
                 ours.sendall(b"g")

@@ -36,6 +36,8 @@ from asyncdmabuf.exporters import (
     SimStatistics,
 )
 
+from .helpers import wait_all_blocked
+
 pytestmark = pytest.mark.anyio
 
 PAGE = 4096
@@ -221,7 +223,7 @@ async def test_waiters_wake_in_fifo_order() -> None:
     async with anyio.create_task_group() as tg:
         for name in ("first", "second", "third"):
             tg.start_soon(user, name)
-            await anyio.wait_all_tasks_blocked()  # fixes the arrival order
+            await wait_all_blocked()  # fixes the arrival order
         assert dev.statistics().waiters == 3
         assert order == []
         await drop(hog, hog_att, hog_sgt)
@@ -246,9 +248,9 @@ async def test_waiters_are_strictly_fifo() -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(user, "big", 2 * PAGE)
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         tg.start_soon(user, "small", PAGE)
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         stats = dev.statistics()
         assert stats.waiters == 2
         assert stats.memory_in_use == PAGE  # a page is free, yet small waits
@@ -258,11 +260,11 @@ async def test_waiters_are_strictly_fifo() -> None:
                 att.try_map(BIDI)  # no barging past the waiters either
         await other.put()
         await drop(hog, hog_att, hog_sgt)
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         assert order == ["big"]
         assert dev.statistics().waiters == 1
         done["big"].set()
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         assert order == ["big", "small"]
         done["small"].set()
     assert dev.statistics().memory_in_use == 0
@@ -296,7 +298,7 @@ async def test_try_map_busy_whenever_map_would_wait() -> None:
     # The buffer's lock is held by a map waiting for memory.
     async with anyio.create_task_group() as tg:
         tg.start_soon(map_in_task, att)
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         assert dev.statistics().waiters == 1
         with pytest.raises(Busy), no_checkpoints():
             att.try_map(BIDI)
@@ -326,7 +328,7 @@ async def test_try_map_busy_with_latency_pending() -> None:
             # The lock held by a map in its latency.
             async with anyio.create_task_group() as tg:
                 tg.start_soon(map_in_task, att)
-                await anyio.wait_all_tasks_blocked()
+                await wait_all_blocked()
                 with pytest.raises(Busy), no_checkpoints():
                     att.try_map(BIDI)
                 tg.cancel_scope.cancel()
@@ -387,7 +389,7 @@ async def test_cancelled_wait_for_memory_leaves_no_reservation() -> None:
     with anyio.move_on_after(3600) as scope:
         async with anyio.create_task_group() as tg:
             tg.start_soon(map_in_task, att)
-            await anyio.wait_all_tasks_blocked()
+            await wait_all_blocked()
             assert dev.statistics().waiters == 1
             scope.cancel()
     assert dev.statistics() == before
@@ -395,7 +397,7 @@ async def test_cancelled_wait_for_memory_leaves_no_reservation() -> None:
     # Freed, then cancelled before it could run: what it was given goes back.
     async with anyio.create_task_group() as tg:
         tg.start_soon(map_in_task, att)
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         await hog_att.unmap(hog_sgt)
         await hog_att.detach()  # grants the page to the waiter...
         tg.cancel_scope.cancel()  # ...which is cancelled before it runs
@@ -542,7 +544,7 @@ async def test_pinned_buffers_are_never_evicted() -> None:
         att.try_map(BIDI)
     async with anyio.create_task_group() as tg:
         tg.start_soon(map_in_task, att)
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_blocked()
         assert dev.statistics().evictions == 0
         await hog_att.detach()  # unpinned: the waiter may evict it now
     assert dev.statistics().evictions == 1

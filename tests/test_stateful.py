@@ -53,6 +53,7 @@ from asyncdmabuf import (
 )
 from asyncdmabuf.exporters import MemfdExporter, SimDevice
 
+from .helpers import wait_all_blocked
 from .reliability import (
     BACKENDS,
     PROFILE,
@@ -61,7 +62,6 @@ from .reliability import (
     assert_sim_exact,
     budget,
     run_or_cancel_when_blocked,
-    wait_all_blocked,
 )
 
 T = TypeVar("T")
