@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, ClassVar
 
 import anyio.lowlevel
 
-from asyncdmabuf import DmaBuf, InvalidArgument, NoDevice, export
+from asyncdmabuf import DmaBuf, InvalidArgument, NoDevice
 from asyncdmabuf._errors import from_oserror
 from asyncdmabuf._fd import check_name
 
-from ._memfd import MemfdExporter, _Backing
+from ._memfd import MemfdExporter, export_mapped
 
 if TYPE_CHECKING:
     from asyncdmabuf import CpuMode
@@ -109,22 +109,9 @@ class DmaHeapExporter(MemfdExporter):
         await anyio.lowlevel.checkpoint()
         size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
         fd = self._alloc(size)
-        try:
-            if name is not None:
-                _set_name(fd, name)
-            backing = _Backing(fd, size, writable=True)
-        except OSError as exc:
-            os.close(fd)
-            raise from_oserror(exc, f"mapping a dma-buf of {size} bytes") from None
-        except BaseException:
-            os.close(fd)
-            raise
-        try:
-            return export(self, size, backing, name, fd=fd)
-        except BaseException:
-            backing.close()
-            os.close(fd)
-            raise
+        if name is not None:
+            _set_name(fd, name)  # never raises
+        return export_mapped(self, fd, size, name=name, writable=True)
 
     def _alloc(self, size: int) -> int:
         heap = self._open()

@@ -97,6 +97,33 @@ class _Backing:
             self.mm.close()
 
 
+def export_mapped(
+    exporter: Exporter, fd: int, size: int, *, name: str | None, writable: bool
+) -> DmaBuf:
+    """Map ``fd`` and export it as a buffer of ``exporter`` that owns the fd.
+
+    On any failure the fd is closed and nothing stays mapped.
+
+    Raises:
+        OutOfMemory: The mapping failed for lack of memory (other mmap errors
+            become the matching :class:`DmaBufError`).
+    """
+    try:
+        backing = _Backing(fd, size, writable=writable)
+    except OSError as exc:  # ENOMEM for sizes no mapping can hold
+        os.close(fd)
+        raise from_oserror(exc, f"mapping {size} bytes of fd {fd}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        return export(exporter, size, backing, name, fd=fd)
+    except BaseException:
+        backing.close()
+        os.close(fd)
+        raise
+
+
 def layout(address: int, size: int, device: Device) -> tuple[SgEntry, ...] | None:
     """Split ``[address, address + size)`` into entries ``device`` can take.
 
@@ -139,20 +166,7 @@ class MemfdExporter(Exporter):
         check_name(name)
         await anyio.lowlevel.checkpoint()
         fd = sealed_memfd(name or "dmabuf", size)
-        try:
-            backing = _Backing(fd, size, writable=True)
-        except OSError as exc:  # ENOMEM for sizes no mapping can hold
-            os.close(fd)
-            raise from_oserror(exc, f"mapping {size} bytes") from None
-        except BaseException:
-            os.close(fd)
-            raise
-        try:
-            return export(self, size, backing, name, fd=fd)
-        except BaseException:
-            backing.close()
-            os.close(fd)
-            raise
+        return export_mapped(self, fd, size, name=name, writable=True)
 
     async def attach(self, buf: DmaBuf, attachment: Attachment) -> None:
         """Work out the device's table once; refuse a device it cannot serve.
@@ -227,21 +241,7 @@ class _Importer(MemfdExporter):
             fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
             and not seals & _WRITE_SEALS
         )
-        own = dup_cloexec(fd)
-        try:
-            backing = _Backing(own, size, writable=writable)
-        except OSError as exc:
-            os.close(own)
-            raise from_oserror(exc, f"mapping fd {fd}") from None
-        except BaseException:
-            os.close(own)
-            raise
-        try:
-            return export(self, size, backing, fd=own)
-        except BaseException:
-            backing.close()
-            os.close(own)
-            raise
+        return export_mapped(self, dup_cloexec(fd), size, name=None, writable=writable)
 
 
 #: Seals that forbid shared writable mappings (F_SEAL_FUTURE_WRITE is 0x10).
