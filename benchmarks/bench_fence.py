@@ -29,12 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from asyncdmabuf import Fence
-
-BACKENDS: list[tuple[str, str, dict[str, Any]]] = [
-    ("asyncio", "asyncio", {}),
-    ("uvloop", "asyncio", {"use_uvloop": True}),
-    ("trio", "trio", {}),
-]
+from asyncdmabuf._backends import BACKENDS
 
 CHILD = r"""
 import os, socket, struct, sys, time
@@ -176,7 +171,7 @@ def main() -> None:
     for column in ("backend", "fence median", "fence p90", "bare socket median"):
         cross.add_column(column, justify="right")
 
-    for label, backend, options in BACKENDS:
+    for label, (backend, options) in BACKENDS.items():
         opts = _opts(options)
         rows = anyio.run(_in_process, sizes, args.repeat, backend=backend, **opts)
         for n, fence_t, event_t in rows:

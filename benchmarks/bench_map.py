@@ -25,13 +25,9 @@ from rich.console import Console
 from rich.table import Table
 
 import asyncdmabuf as dmabuf
+from asyncdmabuf._backends import BACKENDS
 from asyncdmabuf.exporters import MemfdExporter
 
-BACKENDS: list[tuple[str, str, dict[str, object]]] = [
-    ("asyncio", "asyncio", {}),
-    ("uvloop", "asyncio", {"use_uvloop": True}),
-    ("trio", "trio", {}),
-]
 TO_DEVICE = dmabuf.Direction.TO_DEVICE
 
 
@@ -108,7 +104,7 @@ async def _measure(n: int, rounds: int) -> tuple[float, float, float, float]:
 def run(n: int, rounds: int) -> list[Result]:
     """Measure every backend in this process and return the results."""
     results = []
-    for label, backend, options in BACKENDS:
+    for label, (backend, options) in BACKENDS.items():
         figures = anyio.run(
             _measure, n, rounds, backend=backend, backend_options=options
         )

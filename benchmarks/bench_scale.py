@@ -32,15 +32,11 @@ from rich.table import Table
 
 import asyncdmabuf as dmabuf
 from asyncdmabuf import Attachment, Direction, DmaBuf, Exporter, SgEntry, SgTable
+from asyncdmabuf._backends import BACKENDS
 from asyncdmabuf._stress import StressConfig, run_stress
 from asyncdmabuf.exporters import SimDevice
 
 TASKS = (10, 100, 1_000, 10_000)
-BACKENDS: dict[str, tuple[str, dict[str, object]]] = {
-    "asyncio": ("asyncio", {}),
-    "uvloop": ("asyncio", {"use_uvloop": True}),
-    "trio": ("trio", {}),
-}
 
 
 class NullExporter(Exporter):

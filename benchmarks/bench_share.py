@@ -38,6 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 import asyncdmabuf as dmabuf
+from asyncdmabuf._backends import BACKENDS
 from asyncdmabuf.exporters import MemfdExporter
 
 KIB = 1 << 10
@@ -52,12 +53,6 @@ def human(size: int) -> str:
         if size >= scale:
             return f"{size // scale} {unit}"
     return f"{size} B"
-
-
-def _backend_args(backend: str) -> tuple[str, dict[str, object]]:
-    if backend == "uvloop":
-        return "asyncio", {"use_uvloop": True}
-    return backend, {}
 
 
 # -- peers (child processes) ---------------------------------------------------------
@@ -78,7 +73,7 @@ def dmabuf_peer(sock: socket.socket, backend: str) -> None:
                 await stream.send(bytes(((first ^ last) | 1,)))
                 await buf.put()
 
-    name, options = _backend_args(backend)
+    name, options = BACKENDS[backend]
     anyio.run(serve, backend=name, backend_options=options)
 
 
@@ -126,7 +121,7 @@ def time_dmabuf(
     peer = ctx.Process(target=dmabuf_peer, args=(theirs, backend))
     peer.start()
     theirs.close()
-    name, options = _backend_args(backend)
+    name, options = BACKENDS[backend]
     try:
         return anyio.run(
             _time_dmabuf, mine, sizes, reps, backend=name, backend_options=options

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, ClassVar
 import anyio.lowlevel
 
 from asyncdmabuf import DmaBuf, InvalidArgument, NoDevice
-from asyncdmabuf._errors import from_oserror
+from asyncdmabuf._errors import check_int, from_oserror
 from asyncdmabuf._fd import check_name
 
 from ._memfd import MemfdExporter, export_mapped
@@ -101,10 +101,7 @@ class DmaHeapExporter(MemfdExporter):
             OutOfMemory: The heap could not allocate it.
             NoDevice: The heap has gone.
         """
-        if not isinstance(size, int) or isinstance(size, bool):
-            raise TypeError(f"size must be an int, not {type(size).__name__}")
-        if size <= 0:
-            raise InvalidArgument(f"size must be positive, got {size}")
+        check_int(size, "size")
         check_name(name)
         await anyio.lowlevel.checkpoint()
         size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE

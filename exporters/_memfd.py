@@ -27,7 +27,7 @@ from asyncdmabuf import (
     SgTable,
     export,
 )
-from asyncdmabuf._errors import from_oserror
+from asyncdmabuf._errors import check_int, from_oserror
 from asyncdmabuf._fd import (
     MEMFD_SEALS,
     check_name,
@@ -159,10 +159,7 @@ class MemfdExporter(Exporter):
             InvalidArgument: ``size`` is not positive, or ``name`` too long.
             OutOfMemory: The kernel could not allocate it.
         """
-        if not isinstance(size, int) or isinstance(size, bool):
-            raise TypeError(f"size must be an int, not {type(size).__name__}")
-        if size <= 0:
-            raise InvalidArgument(f"size must be positive, got {size}")
+        check_int(size, "size")
         check_name(name)
         await anyio.lowlevel.checkpoint()
         fd = sealed_memfd(name or "dmabuf", size)

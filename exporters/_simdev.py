@@ -60,6 +60,7 @@ from asyncdmabuf import (
     export,
 )
 from asyncdmabuf._device import DMA_MASK_64, UNLIMITED_SEGMENT
+from asyncdmabuf._errors import check_int
 from asyncdmabuf._fd import check_name
 
 from ._faults import Fault, FaultOp, FaultPlan, Injector
@@ -111,14 +112,6 @@ class SimStatistics:
 
 
 # -- private state --------------------------------------------------------------
-
-
-def _check_int(value: object, what: str, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
-    if value < minimum:
-        raise InvalidArgument(f"{what} must be >= {minimum}, got {value}")
-    return value
 
 
 def _check_seconds(value: object, what: str) -> float:
@@ -397,17 +390,17 @@ class SimDevice(Device, Exporter):
         faults: FaultPlan | Mapping[FaultOp, float] | Iterable[Fault] | None = None,
     ) -> None:
         Device.__init__(self, name, dma_mask, max_segment_size, contiguous)
-        _check_int(page_size, "page_size", 1)
-        _check_int(memory, "memory", page_size)
+        check_int(page_size, "page_size", 1)
+        check_int(memory, "memory", page_size)
         if memory % page_size:
             raise InvalidArgument(f"memory {memory} is not a multiple of {page_size}")
-        _check_int(base_address, "base_address", 0)
+        check_int(base_address, "base_address", 0)
         if base_address + memory - 1 > DMA_MASK_64:
             raise InvalidArgument("the device's memory ends beyond 64-bit addresses")
         if bandwidth is not None and _check_seconds(bandwidth, "bandwidth") <= 0:
             raise InvalidArgument("bandwidth must be positive")
         if seed is not None:
-            _check_int(seed, "seed", -(2**63))
+            check_int(seed, "seed", -(2**63))
         if faults is None:
             plan = FaultPlan()
         elif isinstance(faults, FaultPlan):
@@ -475,10 +468,7 @@ class SimDevice(Device, Exporter):
             OutOfMemory: ``size`` exceeds the device's whole memory, or an
                 injected allocation failure.
         """
-        if not isinstance(size, int) or isinstance(size, bool):
-            raise TypeError(f"size must be an int, not {type(size).__name__}")
-        if size <= 0:
-            raise InvalidArgument(f"size must be positive, got {size}")
+        check_int(size, "size")
         check_name(name)
         s = self._sim
         npages = -(-size // s.page_size)
@@ -547,11 +537,11 @@ class SimDevice(Device, Exporter):
         self._check_table(
             dst, "destination", (Direction.FROM_DEVICE, Direction.BIDIRECTIONAL)
         )
-        _check_int(src_offset, "src_offset", 0)
-        _check_int(dst_offset, "dst_offset", 0)
+        check_int(src_offset, "src_offset", 0)
+        check_int(dst_offset, "dst_offset", 0)
         if nbytes is None:
             nbytes = max(src.nbytes - src_offset, 0)
-        _check_int(nbytes, "nbytes", 0)
+        check_int(nbytes, "nbytes", 0)
         if src_offset + nbytes > src.nbytes or dst_offset + nbytes > dst.nbytes:
             raise InvalidArgument(
                 f"copying {nbytes} bytes from offset {src_offset} to offset "

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import gc
-import os
 import threading
 from collections.abc import Iterator
 
 import pytest
 
 import asyncdmabuf
+from asyncdmabuf._backends import BACKENDS as _BACKENDS
 from asyncdmabuf._buffer import live_buffers
 
-BACKENDS = [
-    pytest.param(("asyncio", {}), id="asyncio"),
-    pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    pytest.param(("trio", {}), id="trio"),
-]
+from .helpers import fd_targets
+
+BACKENDS = [pytest.param(backend, id=label) for label, backend in _BACKENDS.items()]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -26,21 +24,18 @@ def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, object
 
 
 def _open_fds() -> set[int]:
-    return {int(name) for name in os.listdir("/proc/self/fd")}
+    return set(fd_targets())
 
 
 def _leaks(
     before_buffers: set[int], before_fds: set[int]
 ) -> tuple[list[object], dict[int, str]]:
     leaked: list[object] = [b for b in live_buffers() if id(b) not in before_buffers]
-    memfds = {}
-    for fd in _open_fds() - before_fds:
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if "asyncdmabuf" in target:
-            memfds[fd] = target
+    memfds = {
+        fd: target
+        for fd, target in fd_targets().items()
+        if fd not in before_fds and "asyncdmabuf" in target
+    }
     return leaked, memfds
 
 
@@ -61,15 +56,7 @@ def _no_leaks() -> Iterator[None]:
 
 
 def _sockets() -> set[str]:
-    found = set()
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue
-        if target.startswith("socket:"):
-            found.add(target)
-    return found
+    return {t for t in fd_targets().values() if t.startswith("socket:")}
 
 
 @pytest.fixture

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import AbstractContextManager, nullcontext
 
 import anyio
+import anyio.abc
 import sniffio
 import trio.testing
 
@@ -89,3 +92,30 @@ async def wait_all_blocked() -> None:
                 break
         else:
             return
+
+
+@contextlib.asynccontextmanager
+async def stream_pair() -> AsyncIterator[
+    tuple[anyio.abc.UNIXSocketStream, anyio.abc.UNIXSocketStream]
+]:
+    a, b = socket.socketpair()
+    sa = await anyio.abc.UNIXSocketStream.from_socket(a)
+    sb = await anyio.abc.UNIXSocketStream.from_socket(b)
+    async with sa, sb:
+        yield sa, sb
+
+
+def fd_targets() -> dict[int, str]:
+    """Every open fd of this process and what it refers to (``readlink``)."""
+    targets = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            targets[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue  # the fd listdir itself used, closed by now
+    return targets
+
+
+def fd_count() -> int:
+    """How many fds this process has open."""
+    return len(os.listdir("/proc/self/fd"))

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Coroutine, Generator
+from collections.abc import Coroutine
 from typing import Any, ClassVar, TypeVar
 
 import anyio
@@ -31,8 +31,10 @@ from asyncdmabuf import (
     SgTable,
     export,
 )
+from asyncdmabuf._backends import BACKENDS as _BACKENDS
 from asyncdmabuf._sgtable import Direction
 from asyncdmabuf.exporters import SimDevice
+from asyncdmabuf.testing._conformance import _Stepper
 
 from .helpers import wait_all_blocked
 
@@ -42,11 +44,7 @@ T = TypeVar("T")
 SOAK = os.environ.get("ASYNCDMABUF_SOAK") == "1"
 
 #: The backends, for sync tests that start their own event loops.
-BACKENDS = [
-    pytest.param(("asyncio", {}), id="asyncio"),
-    pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    pytest.param(("trio", {}), id="trio"),
-]
+BACKENDS = [pytest.param(backend, id=label) for label, backend in _BACKENDS.items()]
 Backend = tuple[str, dict[str, Any]]
 
 settings.register_profile(
@@ -73,52 +71,6 @@ def budget(ci: int, soak: int) -> int:
 # -- cancelling at the k-th checkpoint ----------------------------------------------
 
 
-class CancelAt:
-    """Await ``coro``, calling ``scope.cancel()`` just before its ``k``-th suspension.
-
-    The coroutine's yields go to the event loop unchanged, so this works on
-    every backend: trio delivers the cancellation at the trap being yielded (or
-    the next cancel point), asyncio at the future the task waits on (or, for a
-    bare ``sleep(0)``, when the task next runs). ``suspensions`` counts the
-    yields seen; an operation that finishes with ``suspensions < k`` was never
-    cancelled, which ends the search.
-    """
-
-    __slots__ = ("_coro", "_k", "_scope", "suspensions")
-
-    def __init__(
-        self, coro: Coroutine[Any, Any, T], scope: anyio.CancelScope, k: int
-    ) -> None:
-        self._coro = coro
-        self._scope = scope
-        self._k = k
-        self.suspensions = 0
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        coro = self._coro
-        to_send: Any = None
-        to_throw: BaseException | None = None
-        while True:
-            try:
-                if to_throw is not None:
-                    exc, to_throw = to_throw, None
-                    signal = coro.throw(exc)
-                else:
-                    signal = coro.send(to_send)
-            except StopIteration as stop:
-                return stop.value
-            self.suspensions += 1
-            if self.suspensions == self._k:
-                self._scope.cancel()
-            try:
-                to_send = yield signal
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:  # thrown in by the event loop
-                to_throw, to_send = exc, None
-
-
 async def cancel_at(coro: Coroutine[Any, Any, T], k: int) -> tuple[bool, int, T | None]:
     """Run ``coro`` in a scope cancelled at its ``k``-th suspension.
 
@@ -127,11 +79,12 @@ async def cancel_at(coro: Coroutine[Any, Any, T], k: int) -> tuple[bool, int, T 
         the caller, how many times the coroutine suspended, and its result if
         it returned.
     """
-    driver = CancelAt(coro, anyio.CancelScope(), k)
+    scope = anyio.CancelScope()
+    stepper = _Stepper(coro, scope, k)
     result: T | None = None
-    with driver._scope as scope:
-        result = await driver
-    return scope.cancelled_caught, driver.suspensions, result
+    with scope:
+        result = await stepper
+    return scope.cancelled_caught, stepper.suspensions, result
 
 
 async def run_or_cancel_when_blocked(

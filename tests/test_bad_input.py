@@ -33,6 +33,7 @@ from asyncdmabuf import (
 )
 from asyncdmabuf.exporters import MemfdExporter, SimDevice
 
+from .helpers import fd_count
 from .reliability import NullExporter
 
 pytestmark = pytest.mark.anyio
@@ -45,20 +46,16 @@ BAD_SIZES: list[int] = [0, -1, -(2**63)]
 Call = Callable[[], Awaitable[object]]
 
 
-def _fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 async def _unchanged(call: Call, error: type[BaseException], code: int | None) -> None:
     """Run ``call``; it must raise ``error`` (with ``code``) and change nothing."""
-    before, fds = dmabuf.bufinfo(), _fd_count()
+    before, fds = dmabuf.bufinfo(), fd_count()
     with pytest.raises(error) as info:
         await call()
     if code is not None:
         assert isinstance(info.value, OSError)
         assert info.value.errno == code
     assert dmabuf.bufinfo() == before
-    assert _fd_count() == fds
+    assert fd_count() == fds
 
 
 def _sync(fn: Callable[[], object]) -> Call:
@@ -346,7 +343,7 @@ HOSTILE: dict[str, tuple[bytes, str | None]] = {
 @pytest.mark.parametrize("case", list(HOSTILE))
 async def test_garbage_from_a_socket_peer(case: str) -> None:
     data, kind = HOSTILE[case]
-    before, fds = dmabuf.bufinfo(), _fd_count()
+    before, fds = dmabuf.bufinfo(), fd_count()
     sent: list[int] = []
     if kind in ("memfd", "two"):
         sent.append(_memfd(PAGE))
@@ -372,7 +369,7 @@ async def test_garbage_from_a_socket_peer(case: str) -> None:
             await dmabuf.receive_buffer(stream)
         assert info.value.errno == errno.EINVAL
     assert dmabuf.bufinfo() == before
-    assert _fd_count() == fds
+    assert fd_count() == fds
 
 
 def _fd_bytes(fds: list[int]) -> bytes:

@@ -2,7 +2,7 @@
 
 For each operation, a fresh world is built, the operation is run with its cancel
 scope cancelled just before its 1st, 2nd, ... k-th suspension (see
-:class:`tests.reliability.CancelAt`, which works on every backend), until it
+:func:`tests.reliability.cancel_at`, which works on every backend), until it
 completes without meeting the cancellation. After each run the invariants are
 checked (no lock held, no waiter counted, nothing recorded for a cancelled
 operation, bufinfo unchanged, SimDevice accounting exact), a cancelled
@@ -20,8 +20,7 @@ from __future__ import annotations
 import os
 import socket
 import warnings
-from collections.abc import AsyncIterator, Callable, Coroutine, Generator
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar
 
 import anyio
@@ -31,9 +30,10 @@ import pytest
 import asyncdmabuf as dmabuf
 from asyncdmabuf import Device, Direction, DmaBuf, Fence, SgTable, Usage
 from asyncdmabuf._buffer import live_buffers
+from asyncdmabuf._shield import _Continue
 from asyncdmabuf.exporters import MemfdExporter, SimDevice
 
-from .helpers import wait_all_blocked
+from .helpers import fd_targets, wait_all_blocked
 from .reliability import assert_quiet, assert_sim_exact, cancel_at
 
 pytestmark = pytest.mark.anyio
@@ -49,14 +49,7 @@ COVERED: dict[str, int] = {}
 
 
 def _memfds() -> int:
-    count = 0
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if "asyncdmabuf" in os.readlink(f"/proc/self/fd/{name}"):
-                count += 1
-        except OSError:
-            pass
-    return count
+    return sum("asyncdmabuf" in target for target in fd_targets().values())
 
 
 class Scenario:
@@ -135,31 +128,7 @@ async def _started(
         task_status.started()
         return
     task_status.started()
-    await _Resume(coro, signal)
-
-
-class _Resume:
-    """Await the rest of a coroutine that has already yielded ``signal``."""
-
-    def __init__(self, coro: Coroutine[Any, Any, None], signal: object) -> None:
-        self._coro = coro
-        self._signal = signal
-
-    def __await__(self) -> Generator[Any, Any, None]:
-        coro, signal = self._coro, self._signal
-        while True:
-            try:
-                sent = yield signal
-            except BaseException as exc:
-                try:
-                    signal = coro.throw(exc)
-                except StopIteration:
-                    return
-            else:
-                try:
-                    signal = coro.send(sent)
-                except StopIteration:
-                    return
+    await _Continue(coro, signal)
 
 
 async def blocked() -> None:
@@ -750,17 +719,6 @@ class SimCopy(Scenario):
 
 
 # -- sharing ----------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def _streams() -> AsyncIterator[
-    tuple[anyio.abc.UNIXSocketStream, anyio.abc.UNIXSocketStream]
-]:
-    a, b = socket.socketpair()
-    sa = await anyio.abc.UNIXSocketStream.from_socket(a)
-    sb = await anyio.abc.UNIXSocketStream.from_socket(b)
-    async with sa, sb:
-        yield sa, sb
 
 
 class Share(Scenario):

@@ -37,6 +37,7 @@ from asyncdmabuf import (
 )
 from asyncdmabuf.exporters import FaultOp, SimDevice
 
+from .helpers import fd_count
 from .reliability import (
     FAULTY_OPS,
     FaultyExporter,
@@ -52,10 +53,6 @@ pytestmark = pytest.mark.anyio
 BIDI = Direction.BIDIRECTIONAL
 FAULT_OPS_TYPED: tuple[FaultOp, ...] = get_args(FaultOp)
 PAGE = 4096
-
-
-def _fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @contextlib.contextmanager
@@ -280,7 +277,7 @@ CASES = [
 async def test_faulty_exporter_op_at_each_call_site(
     op: str, site: Site, after: bool
 ) -> None:
-    fds = _fd_count()
+    fds = fd_count()
     exp = FaultyExporter()
     exp.fail.add(op)
     if after:
@@ -295,7 +292,7 @@ async def test_faulty_exporter_op_at_each_call_site(
             await buf.put()
     assert buf.released
     assert_quiet(buf)
-    assert _fd_count() <= fds
+    assert fd_count() <= fds
     assert exp.calls[op] >= 1
 
 
@@ -551,7 +548,7 @@ SIM_SITES: dict[FaultOp, list[SimSite]] = {
     ],
 )
 async def test_simdevice_fault_at_each_call_site(op: FaultOp, site: SimSite) -> None:
-    fds = _fd_count()
+    fds = fd_count()
     dev = SimDevice("sim", memory=8 * PAGE)
     dev.inject_fault(op)
     await site(dev)
@@ -559,7 +556,7 @@ async def test_simdevice_fault_at_each_call_site(op: FaultOp, site: SimSite) -> 
     assert stats.faults_injected == 1
     assert (stats.buffers, stats.memory_in_use, stats.waiters) == (0, 0, 0)
     assert_sim_exact(dev)
-    assert _fd_count() <= fds
+    assert fd_count() <= fds
 
 
 def test_every_simdevice_fault_op_has_call_sites() -> None:

@@ -20,6 +20,7 @@ import pytest
 from asyncdmabuf import Device, Direction, DmaBuf
 from asyncdmabuf.exporters import MemfdExporter, SimDevice
 
+from .helpers import fd_count
 from .reliability import SOAK, NullExporter
 
 pytestmark = pytest.mark.anyio
@@ -27,10 +28,6 @@ pytestmark = pytest.mark.anyio
 BIDI = Direction.BIDIRECTIONAL
 #: tracemalloc's total may move by this much (interned strings, free lists).
 MEMORY_BOUND = 64 * 1024
-
-
-def _fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 async def _cycle(buf: DmaBuf, device: Device) -> None:
@@ -52,13 +49,13 @@ async def _measure(
         for _ in range(warm_up):
             await _cycle(await make(), device)
         gc.collect()
-        fds, (memory, _) = _fd_count(), tracemalloc.get_traced_memory()
+        fds, (memory, _) = fd_count(), tracemalloc.get_traced_memory()
         started = time.perf_counter()
         for _ in range(cycles):
             await _cycle(await make(), device)
         elapsed = time.perf_counter() - started
         gc.collect()
-        fds_after, (memory_after, _) = _fd_count(), tracemalloc.get_traced_memory()
+        fds_after, (memory_after, _) = fd_count(), tracemalloc.get_traced_memory()
     finally:
         if not tracing:
             tracemalloc.stop()

@@ -10,17 +10,13 @@ import pytest
 
 import asyncdmabuf as dmabuf
 from asyncdmabuf import (
-    Attachment,
     BufferPool,
-    Direction,
     DmaBuf,
-    Exporter,
     InvalidArgument,
-    SgEntry,
-    SgTable,
 )
 from asyncdmabuf.exporters import MemfdExporter, SimDevice
 
+from .exporters_for_tests import RecordingExporter
 from .helpers import wait_all_blocked
 
 pytestmark = pytest.mark.anyio
@@ -41,29 +37,14 @@ async def _bytes(buf: DmaBuf) -> bytes:
     return data
 
 
-class NoCpuExporter(Exporter):
+class NoCpuExporter(RecordingExporter):
     """Buffers without a CPU view: they cannot be zeroed, so never reused."""
 
     name: ClassVar[str] = "no-cpu"
 
-    def __init__(self) -> None:
-        self.released: list[DmaBuf] = []
-
     async def allocate(self, size: int, *, name: str | None = None) -> DmaBuf:
         await anyio.lowlevel.checkpoint()
-        return dmabuf.export(self, size, name=name)
-
-    async def map(self, attachment: Attachment, direction: Direction) -> SgTable:
-        entry = SgEntry(dma_address=0x1000, length=attachment.buffer.size, offset=0)
-        return SgTable([entry], direction=direction, attachment=attachment)
-
-    async def unmap(
-        self, attachment: Attachment, sgt: SgTable, direction: Direction
-    ) -> None:
-        pass
-
-    async def release(self, buf: DmaBuf) -> None:
-        self.released.append(buf)
+        return self.make(size, name=name)
 
 
 async def test_fresh_buffers_read_as_zeros() -> None:

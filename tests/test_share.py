@@ -38,6 +38,7 @@ from asyncdmabuf.exporters import (
 )
 
 from .exporters_for_tests import RecordingExporter
+from .helpers import stream_pair
 from .share_peer import pattern
 
 pytestmark = pytest.mark.anyio
@@ -48,17 +49,6 @@ NOBODY = 65534
 
 
 # -- helpers ------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def stream_pair() -> AsyncIterator[
-    tuple[anyio.abc.UNIXSocketStream, anyio.abc.UNIXSocketStream]
-]:
-    a, b = socket.socketpair()
-    sa = await anyio.abc.UNIXSocketStream.from_socket(a)
-    sb = await anyio.abc.UNIXSocketStream.from_socket(b)
-    async with sa, sb:
-        yield sa, sb
 
 
 @contextlib.asynccontextmanager

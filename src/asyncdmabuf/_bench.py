@@ -20,13 +20,9 @@ import anyio
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["Row", "find_benchmarks", "run_bench"]
+from ._backends import BACKENDS
 
-_BACKENDS: dict[str, tuple[str, dict[str, object]]] = {
-    "asyncio": ("asyncio", {}),
-    "uvloop": ("asyncio", {"use_uvloop": True}),
-    "trio": ("trio", {}),
-}
+__all__ = ["Row", "find_benchmarks", "run_bench"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +184,7 @@ def _backend_rows(folder: Path, quick: bool) -> list[Row]:
 
     config = StressConfig(ops=3_000 if quick else 20_000)
     measured: dict[str, float] = {}
-    for label, (backend, options) in _BACKENDS.items():
+    for label, (backend, options) in BACKENDS.items():
         if not _available(label):
             continue
         report = anyio.run(run_stress, config, backend=backend, backend_options=options)
@@ -211,7 +207,7 @@ def _backend_rows(folder: Path, quick: bool) -> list[Row]:
 def _fence_rows(folder: Path, quick: bool) -> list[Row]:
     bench_fence = _import(folder, "bench_fence")
     rows = []
-    for label, (backend, options) in _BACKENDS.items():
+    for label, (backend, options) in BACKENDS.items():
         if not _available(label):
             continue
         results: list[tuple[int, float, float]] = anyio.run(

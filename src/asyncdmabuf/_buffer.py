@@ -28,7 +28,7 @@ import anyio.lowlevel
 
 from . import _fd
 from ._device import Device
-from ._errors import Busy, DmaBufError, InvalidArgument
+from ._errors import Busy, DmaBufError, InvalidArgument, check_int
 from ._exporter import CpuMode, Exporter
 from ._lock import FifoLock, task_name
 from ._resv import Reservation
@@ -195,7 +195,9 @@ class DmaBuf:
             InvalidArgument: The buffer has been released.
         """
         self._check_live()
-        return os.fstat(self._ensure_file()).st_ino
+        self._ensure_file()
+        assert self._file_key is not None
+        return self._file_key[1]
 
     @property
     def resv(self) -> Reservation:
@@ -867,10 +869,7 @@ def export(
     """
     if not isinstance(exporter, Exporter):
         raise TypeError(f"export() needs an Exporter, not {type(exporter).__name__}")
-    if not isinstance(size, int) or isinstance(size, bool):
-        raise TypeError(f"size must be an int, not {type(size).__name__}")
-    if size <= 0:
-        raise InvalidArgument(f"size must be positive, got {size}")
+    check_int(size, "size")
     buf = DmaBuf(exporter, size, priv, _fd.check_name(name))
     if fd is not None:
         try:

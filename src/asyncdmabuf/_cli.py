@@ -28,17 +28,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from ._backends import BACKENDS
 from ._errors import DmaBufError
 from ._stress import MAP_MODES, StressConfig, StressProgress, StressReport, run_stress
 
 __all__ = ["BACKENDS", "main", "parse_size"]
 
-#: Backend label -> (anyio backend, backend options).
-BACKENDS: dict[str, tuple[str, dict[str, object]]] = {
-    "asyncio": ("asyncio", {}),
-    "uvloop": ("asyncio", {"use_uvloop": True}),
-    "trio": ("trio", {}),
-}
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

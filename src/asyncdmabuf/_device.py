@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._errors import InvalidArgument
+from ._errors import InvalidArgument, check_int
 
 __all__ = ["Device"]
 
@@ -12,13 +12,6 @@ __all__ = ["Device"]
 DMA_MASK_64 = 2**64 - 1
 #: No limit on the length of one scatter-list segment.
 UNLIMITED_SEGMENT = 2**64 - 1
-
-
-def _check_int(value: object, what: str, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
-    if value < minimum:
-        raise InvalidArgument(f"{what} must be >= {minimum}, got {value}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +44,8 @@ class Device:
             raise TypeError(f"name must be a str, not {type(self.name).__name__}")
         if not self.name:
             raise InvalidArgument("a device needs a non-empty name")
-        _check_int(self.dma_mask, "dma_mask", 0)
-        _check_int(self.max_segment_size, "max_segment_size", 1)
+        check_int(self.dma_mask, "dma_mask", 0)
+        check_int(self.max_segment_size, "max_segment_size", 1)
         if not isinstance(self.contiguous, bool):
             raise TypeError("contiguous must be a bool")
 

@@ -20,7 +20,7 @@ import anyio
 import anyio.lowlevel
 
 from ._buffer import DmaBuf
-from ._errors import InvalidArgument
+from ._errors import InvalidArgument, check_int
 from ._exporter import Exporter
 
 __all__ = ["Allocator", "BufferPool", "PoolStatistics"]
@@ -116,11 +116,8 @@ class BufferPool:
         max_buffers: int,
         name: str | None = None,
     ) -> None:
-        for what, value in (("size", size), ("max_buffers", max_buffers)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{what} must be an int, not {type(value).__name__}")
-            if value <= 0:
-                raise InvalidArgument(f"{what} must be positive, got {value}")
+        check_int(size, "size")
+        check_int(max_buffers, "max_buffers")
         self._exporter = exporter
         self._size = size
         self._max = max_buffers

@@ -38,7 +38,7 @@ import anyio.lowlevel
 
 from ._buffer import Attachment, DmaBuf, live_buffers, lock_holder
 from ._device import Device
-from ._errors import Busy, DmaBufError, InvalidArgument
+from ._errors import Busy, DmaBufError, InvalidArgument, check_int
 from ._exporter import Exporter
 from ._sgtable import Direction, SgTable
 
@@ -128,9 +128,9 @@ class StressConfig:
 
     def __post_init__(self) -> None:
         for name in ("tasks", "buffers", "devices", "buffer_size", "maps_per_op"):
-            _positive_int(getattr(self, name), name)
+            check_int(getattr(self, name), name)
         if self.ops is not None:
-            _positive_int(self.ops, "ops")
+            check_int(self.ops, "ops")
         elif self.duration is None or not self.duration > 0:
             raise InvalidArgument("give a positive ops count or duration")
         if self.maps_per_op > self.buffers:
@@ -148,14 +148,7 @@ class StressConfig:
             if not (math.isfinite(value) and value >= 0):
                 raise InvalidArgument(f"{name} must be finite and >= 0, got {value}")
         if self.memory is not None:
-            _positive_int(self.memory, "memory")
-
-
-def _positive_int(value: object, name: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value <= 0:
-        raise InvalidArgument(f"{name} must be positive, got {value}")
+            check_int(self.memory, "memory")
 
 
 @dataclass(frozen=True, slots=True)

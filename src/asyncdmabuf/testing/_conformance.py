@@ -40,6 +40,7 @@ from asyncdmabuf import (
     bufinfo,
     get,
 )
+from asyncdmabuf._backends import BACKENDS
 
 __all__ = [
     "DEFAULT_DEVICES",
@@ -78,10 +79,8 @@ DIRECTIONS: tuple[Direction, ...] = (
 #: Give up stepping a call that suspends more often than this.
 MAX_SUSPENSIONS = 10_000
 
-_BACKENDS = (
-    pytest.param(("asyncio", {}), id="asyncio"),
-    pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    pytest.param(("trio", {}), id="trio"),
+_BACKENDS = tuple(
+    pytest.param(backend, id=label) for label, backend in BACKENDS.items()
 )
 
 
