@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, ClassVar
 import anyio.lowlevel
 
 from asyncdmabuf import DmaBuf, InvalidArgument, NoDevice
-from asyncdmabuf._errors import check_int, from_oserror
-from asyncdmabuf._fd import check_name
+from asyncdmabuf.lowlevel import check_int, check_name, from_oserror
 
 from ._memfd import MemfdExporter, export_mapped
 

@@ -27,11 +27,12 @@ from asyncdmabuf import (
     SgTable,
     export,
 )
-from asyncdmabuf._errors import check_int, from_oserror
-from asyncdmabuf._fd import (
+from asyncdmabuf.lowlevel import (
     MEMFD_SEALS,
+    check_int,
     check_name,
     dup_cloexec,
+    from_oserror,
     sealed_memfd,
 )
 

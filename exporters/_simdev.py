@@ -59,9 +59,7 @@ from asyncdmabuf import (
     Usage,
     export,
 )
-from asyncdmabuf._device import DMA_MASK_64, UNLIMITED_SEGMENT
-from asyncdmabuf._errors import check_int
-from asyncdmabuf._fd import check_name
+from asyncdmabuf.lowlevel import DMA_MASK_64, UNLIMITED_SEGMENT, check_int, check_name
 
 from ._faults import Fault, FaultOp, FaultPlan, Injector
 

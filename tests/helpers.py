@@ -18,13 +18,14 @@ from contextlib import AbstractContextManager, nullcontext
 
 import anyio
 import anyio.abc
-import sniffio
 import trio.testing
+
+from asyncdmabuf._backends import current_backend
 
 
 @contextlib.asynccontextmanager
 async def _checked(*, expected: bool) -> AsyncIterator[None]:
-    if sniffio.current_async_library() == "trio":
+    if current_backend() == "trio":
         import trio.testing
 
         if expected:
@@ -75,7 +76,7 @@ async def wait_all_blocked() -> None:
     this one only yields, so the many calls of these tests stay cheap. On
     trio it is trio's own.
     """
-    if sniffio.current_async_library() == "trio":
+    if current_backend() == "trio":
         import trio.testing
 
         await trio.testing.wait_all_tasks_blocked()

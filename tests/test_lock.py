@@ -5,7 +5,8 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from asyncdmabuf._lock import FifoLock, native_checkpoint, task_name
+from asyncdmabuf._backends import native_checkpoint, task_name
+from asyncdmabuf._lock import FifoLock
 
 from .helpers import assert_checkpoints, assert_no_checkpoints, wait_all_blocked
 

@@ -12,7 +12,6 @@ from typing import Any
 
 import anyio
 import pytest
-import sniffio
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from trio.testing import MockClock
@@ -28,6 +27,7 @@ from asyncdmabuf import (
     OutOfMemory,
     SgTable,
 )
+from asyncdmabuf._backends import current_backend
 from asyncdmabuf.exporters import (
     Fault,
     FaultPlan,
@@ -57,7 +57,7 @@ def on_mock_clock() -> pytest.MarkDecorator:
 @contextlib.contextmanager
 def no_checkpoints() -> Iterator[None]:
     """On trio, fail if the body checkpoints (sync code never can elsewhere)."""
-    if sniffio.current_async_library() == "trio":
+    if current_backend() == "trio":
         import trio.testing
 
         with trio.testing.assert_no_checkpoints():
@@ -369,7 +369,7 @@ async def test_map_always_checkpoints() -> None:
             assert scope.cancelled_caught
             assert att.mappings == ()
             await att.unmap(await att.map(BIDI))
-        if sniffio.current_async_library() == "trio":
+        if current_backend() == "trio":
             import trio.testing
 
             with trio.testing.assert_checkpoints():

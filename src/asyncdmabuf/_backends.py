@@ -1,11 +1,31 @@
-"""The event loops asyncdmabuf runs on, by the names its tools use."""
+"""What asyncdmabuf knows about the event loops it runs on, in one place.
+
+Which backend is running, its own checkpoint, its current task, its clock and
+how a task parks and is woken: every other module asks here, so there is one
+answer to each question and no dependency on ``sniffio``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Literal
 
-__all__ = ["BACKENDS"]
+import anyio
+import anyio.lowlevel
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "current_backend",
+    "current_loop_label",
+    "current_time",
+    "native_checkpoint",
+    "native_clock",
+    "native_current_task",
+    "task_name",
+]
 
 #: Backend label -> (anyio backend name, backend options), as ``anyio.run`` and
 #: anyio's pytest plugin take them: asyncio, asyncio on uvloop's event loop, and
@@ -15,3 +35,101 @@ BACKENDS: Mapping[str, tuple[str, dict[str, Any]]] = {
     "uvloop": ("asyncio", {"use_uvloop": True}),
     "trio": ("trio", {}),
 }
+
+Backend = Literal["asyncio", "trio"]
+
+#: What a task is called when no event loop runs (or the loop cannot say).
+UNKNOWN_TASK = "<unknown task>"
+
+
+def _in_trio() -> bool:
+    trio = sys.modules.get("trio")  # never import trio just to ask
+    return trio is not None and bool(trio.lowlevel.in_trio_run())
+
+
+def current_backend() -> Backend | None:
+    """Return the backend running in this thread: ``"asyncio"``, ``"trio"`` or None.
+
+    uvloop is asyncio here: it runs asyncio's tasks with asyncio's API.
+    """
+    if asyncio._get_running_loop() is not None:
+        return "asyncio"
+    if _in_trio():
+        return "trio"
+    return None
+
+
+def current_loop_label() -> str | None:
+    """Return the :data:`BACKENDS` label of the running loop (uvloop told apart)."""
+    backend = current_backend()
+    if backend != "asyncio":
+        return backend
+    loop = asyncio.get_running_loop()
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
+def _asyncio_checkpoint() -> Awaitable[None]:
+    return asyncio.sleep(0)  # exactly what anyio's asyncio checkpoint awaits
+
+
+def native_checkpoint() -> Callable[[], Awaitable[None]]:
+    """Return the running backend's own checkpoint function.
+
+    It is what :func:`anyio.lowlevel.checkpoint` calls, without looking the
+    backend up on every call. Outside an event loop, anyio's is returned.
+    """
+    backend = current_backend()
+    if backend == "trio":
+        checkpoint: Callable[[], Awaitable[None]] = sys.modules[
+            "trio"
+        ].lowlevel.checkpoint
+        return checkpoint
+    if backend == "asyncio":
+        return _asyncio_checkpoint
+    return anyio.lowlevel.checkpoint
+
+
+def _no_task() -> object:
+    return None
+
+
+def native_current_task() -> Callable[[], object]:
+    """Return the running backend's cheap "current task" function.
+
+    Outside an event loop the function returned gives None.
+    """
+    backend = current_backend()
+    if backend == "trio":
+        current: Callable[[], object] = sys.modules["trio"].lowlevel.current_task
+        return current
+    if backend == "asyncio":
+        return asyncio.current_task
+    return _no_task
+
+
+def task_name(task: object) -> str:
+    """Return a task's name, whichever backend it belongs to."""
+    if task is None:
+        return UNKNOWN_TASK
+    get_name = getattr(task, "get_name", None)  # asyncio
+    if callable(get_name):
+        return str(get_name())
+    return str(getattr(task, "name", task))  # trio
+
+
+def current_time() -> float:
+    """Return the running backend's clock (trio's ``MockClock`` included)."""
+    return anyio.current_time()
+
+
+def native_clock() -> Callable[[], float]:
+    """Return the running backend's clock function, looked up once.
+
+    It reads what :func:`anyio.current_time` reads, without the dispatch.
+    """
+    if current_backend() == "trio":
+        clock: Callable[[], float] = sys.modules["trio"].current_time
+        return clock
+    if current_backend() == "asyncio":
+        return asyncio.get_running_loop().time
+    return anyio.current_time

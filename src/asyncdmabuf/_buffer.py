@@ -27,20 +27,21 @@ import anyio
 import anyio.lowlevel
 
 from . import _fd
+from ._backends import task_name
 from ._device import Device
-from ._errors import Busy, DmaBufError, InvalidArgument, check_int
+from ._errors import Busy, DmaBufError, InvalidArgument
 from ._exporter import CpuMode, Exporter
-from ._lock import FifoLock, task_name
+from ._lock import FifoLock
 from ._resv import Reservation
-from ._sgtable import Direction, SgTable, check_direction
+from ._sgtable import SgTable
 from ._shield import run_to_completion
+from ._types import Direction
+from ._validate import check_cpu_mode, check_direction, check_fd, check_int, check_name
 
 __all__ = ["Attachment", "DmaBuf", "export", "get"]
 
 T = TypeVar("T")
 MoveNotify = Callable[["Attachment"], object]
-
-_CPU_MODES: frozenset[str] = frozenset(("r", "w", "rw"))
 
 
 class _State(enum.Enum):
@@ -250,7 +251,7 @@ class DmaBuf:
                 buffer has been released.
         """
         self._check_live()
-        self._name = _fd.check_name(name)
+        self._name = check_name(name)
 
     def __repr__(self) -> str:
         name = f" {self._name!r}" if self._name else ""
@@ -314,8 +315,7 @@ class DmaBuf:
 
         Callers first try ``self._lock.acquire_nowait()``, which costs nothing.
         """
-        with anyio.CancelScope(shield=True):
-            await self._lock.wait_turn()
+        await self._lock.wait_turn(shielded=True)
 
     # -- refcount ---------------------------------------------------------------
 
@@ -449,7 +449,7 @@ class DmaBuf:
             InvalidArgument: ``mode`` is not one of ``"r"``, ``"w"``, ``"rw"``,
                 the buffer has been released, or the exporter has no CPU mapping.
         """
-        _check_mode(mode)
+        check_cpu_mode(mode)
         self._check_live()
         return _CpuAccess(self, mode)
 
@@ -463,7 +463,7 @@ class DmaBuf:
         Raises:
             InvalidArgument: A bad mode, or the buffer has been released.
         """
-        _check_mode(mode)
+        check_cpu_mode(mode)
         self._check_live()
         while True:
             resv = self._resv
@@ -494,7 +494,7 @@ class DmaBuf:
 
     async def _end_cpu_access(self, mode: CpuMode) -> None:
         """:meth:`end_cpu_access` without the final checkpoint (for ``__aexit__``)."""
-        _check_mode(mode)
+        check_cpu_mode(mode)
         if not self._cpu_access.get(mode):
             raise InvalidArgument(f"end_cpu_access({mode!r}) without begin_cpu_access")
         if not self._lock.acquire_nowait():
@@ -512,13 +512,6 @@ class DmaBuf:
             await run_to_completion(self._exporter.end_cpu_access(self, mode))
         finally:
             self._lock.release()
-
-
-def _check_mode(mode: object) -> None:
-    if not isinstance(mode, str):
-        raise TypeError(f"a CPU access mode is a str, not {type(mode).__name__}")
-    if mode not in _CPU_MODES:
-        raise InvalidArgument(f"CPU access mode must be 'r', 'w' or 'rw', not {mode!r}")
 
 
 @final
@@ -870,10 +863,10 @@ def export(
     if not isinstance(exporter, Exporter):
         raise TypeError(f"export() needs an Exporter, not {type(exporter).__name__}")
     check_int(size, "size")
-    buf = DmaBuf(exporter, size, priv, _fd.check_name(name))
+    buf = DmaBuf(exporter, size, priv, check_name(name))
     if fd is not None:
         try:
-            buf._adopt_file(_fd.check_fd(fd))
+            buf._adopt_file(check_fd(fd))
         except BaseException:
             buf._state = _State.RELEASED  # never handed out: no warning
             raise
@@ -896,7 +889,7 @@ def get(fd: int) -> DmaBuf:
         InvalidArgument: ``fd`` is open but not shareable memory (a pipe, a
             socket, a directory, an empty memfd), or its buffer is being released.
     """
-    fd = _fd.check_fd(fd)
+    fd = check_fd(fd)
     dev, ino, mode = _fd.file_identity(fd)
     buf = _by_file.get((dev, ino))
     if buf is not None and buf._state is not _State.RELEASED:

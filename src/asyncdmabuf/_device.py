@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._errors import InvalidArgument, check_int
+from ._errors import InvalidArgument
+from ._validate import check_bool, check_int
 
 __all__ = ["Device"]
 
 #: The widest DMA mask: a device that can address all of a 64-bit space.
 DMA_MASK_64 = 2**64 - 1
+#: A device that can address only the low 4 GiB (32-bit DMA).
+DMA_MASK_32 = 2**32 - 1
 #: No limit on the length of one scatter-list segment.
 UNLIMITED_SEGMENT = 2**64 - 1
 
@@ -46,8 +49,7 @@ class Device:
             raise InvalidArgument("a device needs a non-empty name")
         check_int(self.dma_mask, "dma_mask", 0)
         check_int(self.max_segment_size, "max_segment_size", 1)
-        if not isinstance(self.contiguous, bool):
-            raise TypeError("contiguous must be a bool")
+        check_bool(self.contiguous, "contiguous")
 
     def reaches(self, dma_address: int, length: int) -> bool:
         """Return whether one segment at ``dma_address`` fits this device."""

@@ -75,20 +75,6 @@ class NoDevice(DmaBufError):
     default_errno = _errno.ENODEV
 
 
-def check_int(value: object, what: str, minimum: int = 1) -> int:
-    """Return ``value`` if it is an int (not a bool) of at least ``minimum``.
-
-    Raises:
-        TypeError: ``value`` is not an int.
-        InvalidArgument: It is smaller than ``minimum``.
-    """
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
-    if value < minimum:
-        raise InvalidArgument(f"{what} must be >= {minimum}, got {value}")
-    return value
-
-
 def from_oserror(exc: OSError, what: str) -> DmaBufError:
     """Return the framework error that matches an ``OSError`` from a syscall.
 

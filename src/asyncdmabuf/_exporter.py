@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar
 
 from ._errors import Busy, InvalidArgument
+from ._types import CpuMode
 
 if TYPE_CHECKING:
     from ._buffer import Attachment, DmaBuf
-    from ._sgtable import Direction, SgTable
+    from ._sgtable import SgTable
+    from ._types import Direction
 
 __all__ = ["CpuMode", "Exporter"]
-
-CpuMode = Literal["r", "w", "rw"]
 
 
 class Exporter(abc.ABC):

@@ -7,29 +7,13 @@ import fcntl
 import os
 import stat
 
-from ._errors import BadFileDescriptor, InvalidArgument, OutOfMemory, from_oserror
+from ._errors import BadFileDescriptor, OutOfMemory, from_oserror
 
 __all__ = ["dup_cloexec", "file_identity", "is_shareable_memory", "sealed_memfd"]
 
 #: Seals every memfd gets before it can leave the process: nobody can shrink it
 #: under a mapping (SIGBUS), grow it, or take the seals off.
 MEMFD_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-#: The largest fd number there can be (fds are C ints).
-_FD_MAX = 2**31 - 1
-
-
-def check_fd(fd: object) -> int:
-    """Return ``fd`` as an int.
-
-    Raises:
-        TypeError: ``fd`` is not an int.
-        BadFileDescriptor: ``fd`` is negative or beyond any fd number.
-    """
-    if not isinstance(fd, int) or isinstance(fd, bool):
-        raise TypeError(f"an fd is an int, not {type(fd).__name__}")
-    if not 0 <= fd <= _FD_MAX:  # an fd is a C int: beyond it, none is open
-        raise BadFileDescriptor(f"fd {fd} is not open")
-    return fd
 
 
 def file_identity(fd: int) -> tuple[int, int, int]:
@@ -100,24 +84,3 @@ def sealed_memfd(name: str, size: int) -> int:
         os.close(fd)
         raise
     return fd
-
-
-def check_name(name: object) -> str | None:
-    """Return ``name`` if it is a valid buffer name (``DMA_BUF_SET_NAME``'s rule).
-
-    Raises:
-        TypeError: ``name`` is neither a str nor None.
-        InvalidArgument: It is longer than 32 bytes of UTF-8, holds a NUL, or
-            is not valid UTF-8 (a lone surrogate).
-    """
-    if name is None:
-        return None
-    if not isinstance(name, str):
-        raise TypeError(f"a buffer name is a str, not {type(name).__name__}")
-    try:
-        encoded = name.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate: no UTF-8 for the kernel's name
-        raise InvalidArgument(f"buffer name {name!r} is not valid UTF-8") from None
-    if len(encoded) > 32 or "\0" in name:
-        raise InvalidArgument(f"buffer name {name!r} is longer than 32 bytes")
-    return name

@@ -44,7 +44,8 @@ from ._errors import (
     OutOfMemory,
     from_oserror,
 )
-from ._fd import check_fd, dup_cloexec
+from ._fd import dup_cloexec
+from ._validate import check_fd
 
 __all__ = ["Fence", "FenceCallback", "FenceContext"]
 

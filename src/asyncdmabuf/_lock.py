@@ -5,81 +5,42 @@ most of what the framework adds to the exporter's own work. Compared with
 :class:`anyio.Lock` it spends nothing on an uncontended acquire beyond the
 checkpoint every async operation owes anyway, hands the lock straight to the
 next waiter on release (so nobody can barge in ahead of the queue), and can be
-asked how many tasks wait, which ``try_map`` needs.
+asked how many tasks wait, which ``try_map`` needs. Waiters park on the one
+:class:`~asyncdmabuf.lowlevel.WaitQueue`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import sys
-from collections import deque
-from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import final
 
-import anyio
-import anyio.lowlevel
+from ._backends import UNKNOWN_TASK, native_checkpoint, native_current_task, task_name
+from ._waitqueue import WaitQueue
 
-__all__ = ["FifoLock", "native_checkpoint"]
-
-
-def _asyncio_checkpoint() -> Awaitable[None]:
-    return asyncio.sleep(0)  # exactly what anyio's asyncio checkpoint awaits
+__all__ = ["FifoLock", "LockStatistics"]
 
 
-def _in_trio() -> bool:
-    trio = sys.modules.get("trio")
-    if trio is None:
-        return False
-    try:
-        trio.lowlevel.current_task()
-    except RuntimeError:
-        return False
-    return True
+@dataclass(frozen=True, slots=True)
+class LockStatistics:
+    """A snapshot of a lock, like trio's and anyio's ``LockStatistics``."""
+
+    locked: bool
+    """Whether the lock is held."""
+    owner: str | None
+    """The name of the task holding it, or None."""
+    tasks_waiting: int
+    """How many tasks wait for it."""
+
+    @property
+    def waiting(self) -> int:
+        """Same as :attr:`tasks_waiting`."""
+        return self.tasks_waiting
 
 
-def native_checkpoint() -> Callable[[], Awaitable[None]]:
-    """Return the running backend's own checkpoint function.
-
-    It is what :func:`anyio.lowlevel.checkpoint` calls, without looking the
-    backend up on every call. Outside an event loop, anyio's is returned.
-    """
-    if _in_trio():
-        checkpoint: Callable[[], Awaitable[None]] = sys.modules[
-            "trio"
-        ].lowlevel.checkpoint
-        return checkpoint
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return anyio.lowlevel.checkpoint
-    return _asyncio_checkpoint
-
-
-def _no_task() -> object:
-    return _UNKNOWN
-
-
-def native_current_task() -> Callable[[], object]:
-    """Return the running backend's cheap "current task" function."""
-    if _in_trio():
-        current: Callable[[], object] = sys.modules["trio"].lowlevel.current_task
-        return current
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return _no_task
-    return asyncio.current_task
-
-
-def task_name(task: object) -> str:
-    """Return a task's name, whichever backend it belongs to."""
-    get_name = getattr(task, "get_name", None)  # asyncio
-    if callable(get_name):
-        return str(get_name())
-    return str(getattr(task, "name", task))  # trio
-
-
-_UNKNOWN = "<unknown task>"
+def _pass_on(lock: object) -> None:
+    """A lock handed to a waiter cancelled before it ran: give it to the next."""
+    assert isinstance(lock, FifoLock)
+    lock.release()
 
 
 @final
@@ -88,14 +49,14 @@ class FifoLock:
 
     A lock belongs to the event loop it was made in (like the buffer it
     guards); it is not thread-safe. It remembers which task holds it, for
-    watchdogs (:func:`asyncdmabuf._buffer.lock_holder`).
+    watchdogs and :meth:`statistics`.
     """
 
-    __slots__ = ("_current_task", "_owner", "_waiters", "checkpoint")
+    __slots__ = ("_current_task", "_owner", "_queue", "checkpoint")
 
     def __init__(self) -> None:
         self._owner: object | None = None
-        self._waiters: deque[tuple[object, anyio.Event]] = deque()
+        self._queue: WaitQueue | None = None  # made on first contention
         #: The backend's checkpoint, looked up once.
         self.checkpoint = native_checkpoint()
         self._current_task = native_current_task()
@@ -112,17 +73,26 @@ class FifoLock:
     @property
     def waiting(self) -> int:
         """How many tasks wait to acquire the lock."""
-        return len(self._waiters)
+        return len(self._queue) if self._queue is not None else 0
+
+    def statistics(self) -> LockStatistics:
+        """Return a frozen snapshot: locked, owner, tasks waiting."""
+        owner = self._owner
+        return LockStatistics(
+            locked=owner is not None,
+            owner=None if owner is None else task_name(owner),
+            tasks_waiting=self.waiting,
+        )
 
     def contended(self) -> bool:
         """Return whether an acquire now would have to wait."""
-        return self._owner is not None or bool(self._waiters)
+        return self._owner is not None or bool(self._queue)
 
     def acquire_nowait(self) -> bool:
         """Take the lock if nobody holds it or waits for it; never checkpoints."""
-        if self._owner is not None or self._waiters:
+        if self._owner is not None or self._queue:
             return False
-        self._owner = self._current_task() or _UNKNOWN
+        self._owner = self._current_task() or UNKNOWN_TASK
         return True
 
     async def acquire(self) -> None:
@@ -134,24 +104,24 @@ class FifoLock:
         if not self.acquire_nowait():
             await self.wait_turn()
 
-    async def wait_turn(self) -> None:
-        """Queue for the lock and return holding it (a checkpoint if it waits)."""
-        turn = anyio.Event()
-        entry = (self._current_task() or _UNKNOWN, turn)
-        self._waiters.append(entry)
-        try:
-            await turn.wait()
-        except BaseException:
-            if turn.is_set():
-                self.release()  # it was handed to us as we were cancelled: pass it on
-            else:
-                self._waiters.remove(entry)
-            raise
+    async def wait_turn(self, *, shielded: bool = False) -> None:
+        """Queue for the lock and return holding it (always suspends).
+
+        With ``shielded=True`` it waits whatever cancellation comes (for undo
+        operations, which must complete); the cancellation then surfaces at the
+        caller's next checkpoint.
+        """
+        queue = self._queue
+        if queue is None:
+            queue = self._queue = WaitQueue(on_abandon=_pass_on)
+        await queue.park(shielded=shielded)
 
     def release(self) -> None:
         """Release the lock, handing it to the longest waiter if there is one."""
-        if self._waiters:
-            self._owner, turn = self._waiters.popleft()
-            turn.set()  # ownership has passed on: the lock stays held
-        else:
-            self._owner = None
+        queue = self._queue
+        if queue:
+            task = queue.unpark(self)
+            if task is not None:
+                self._owner = task  # ownership has passed on: the lock stays held
+                return
+        self._owner = None

@@ -20,8 +20,9 @@ import anyio
 import anyio.lowlevel
 
 from ._buffer import DmaBuf
-from ._errors import InvalidArgument, check_int
+from ._errors import InvalidArgument
 from ._exporter import Exporter
+from ._validate import check_int
 
 __all__ = ["Allocator", "BufferPool", "PoolStatistics"]
 

@@ -9,45 +9,15 @@ dropped as they are noticed.
 
 from __future__ import annotations
 
-import enum
 from typing import final
 
 import anyio.lowlevel
 
-from ._errors import InvalidArgument
 from ._fence import Fence
+from ._types import Usage
+from ._validate import check_cpu_mode, check_usage
 
 __all__ = ["Reservation", "Usage"]
-
-
-class Usage(enum.IntEnum):
-    """How a fence uses a buffer (``enum dma_resv_usage``); lower is stronger."""
-
-    KERNEL = 0
-    """Kernel-internal work (moves, clears): everybody waits for it."""
-    WRITE = 1
-    """Implicit-sync writes: readers and writers wait for it."""
-    READ = 2
-    """Implicit-sync reads: writers wait for it."""
-    BOOKKEEP = 3
-    """Explicitly synchronised work: nobody waits for it implicitly."""
-
-
-def check_usage(usage: object) -> Usage:
-    """Return ``usage`` as a :class:`Usage`.
-
-    Raises:
-        TypeError: ``usage`` is not an int (or a Usage).
-        InvalidArgument: It is an int that is no usage.
-    """
-    if isinstance(usage, Usage):
-        return usage
-    if not isinstance(usage, int) or isinstance(usage, bool):
-        raise TypeError(f"a fence usage is a Usage, not {type(usage).__name__}")
-    try:
-        return Usage(usage)
-    except ValueError:
-        raise InvalidArgument(f"{usage} is not a fence usage") from None
 
 
 def cpu_usage(mode: object) -> Usage:
@@ -60,13 +30,7 @@ def cpu_usage(mode: object) -> Usage:
         TypeError: ``mode`` is not a str.
         InvalidArgument: It is not ``"r"``, ``"w"`` or ``"rw"``.
     """
-    if not isinstance(mode, str):
-        raise TypeError(f"an access mode is a str, not {type(mode).__name__}")
-    if mode == "r":
-        return Usage.WRITE
-    if mode in ("w", "rw"):
-        return Usage.READ
-    raise InvalidArgument(f"access mode must be 'r', 'w' or 'rw', not {mode!r}")
+    return Usage.WRITE if check_cpu_mode(mode) == "r" else Usage.READ
 
 
 @final

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, NamedTuple, overload
 
 from ._errors import InvalidArgument
+from ._types import Direction
+from ._validate import check_direction
 
 if TYPE_CHECKING:
     from ._buffer import Attachment
 
 __all__ = ["Direction", "SgEntry", "SgTable"]
-
-
-class Direction(enum.IntEnum):
-    """The direction of a DMA transfer, as in the kernel's DMA API."""
-
-    BIDIRECTIONAL = 0
-    TO_DEVICE = 1
-    FROM_DEVICE = 2
-    NONE = 3
 
 
 class SgEntry(NamedTuple):
@@ -36,25 +28,6 @@ class SgEntry(NamedTuple):
     dma_address: int
     length: int
     offset: int
-
-
-def check_direction(direction: object) -> Direction:
-    """Return ``direction`` as a :class:`Direction`.
-
-    Raises:
-        TypeError: ``direction`` is not an int.
-        InvalidArgument: it is an int that names no direction.
-    """
-    if type(direction) is Direction:
-        return direction
-    if not isinstance(direction, int) or isinstance(direction, bool):
-        raise TypeError(
-            f"direction must be a Direction, not {type(direction).__name__}"
-        )
-    try:
-        return Direction(direction)
-    except ValueError:
-        raise InvalidArgument(f"{direction} is not a DMA direction") from None
 
 
 def _check_entries(entries: tuple[SgEntry, ...], attachment: Attachment) -> None:

@@ -43,6 +43,7 @@ import anyio.lowlevel
 from . import _fd
 from ._buffer import DmaBuf, get
 from ._errors import InvalidArgument, from_oserror
+from ._validate import check_bool, check_name
 
 __all__ = ["ShareInfo", "receive_buffer", "receive_buffer_with_info", "send_buffer"]
 
@@ -126,8 +127,7 @@ async def send_buffer(
         raise TypeError(f"send_buffer() needs a UNIXSocketStream, not {_tn(stream)}")
     if not isinstance(buf, DmaBuf):
         raise TypeError(f"send_buffer() needs a DmaBuf, not {_tn(buf)}")
-    if not isinstance(writable, bool):
-        raise TypeError(f"writable must be a bool, not {_tn(writable)}")
+    check_bool(writable, "writable")
     if format is not None and not isinstance(format, str):
         raise TypeError(f"format must be a str or None, not {_tn(format)}")
     format_bytes = _encode(format, "format", MAX_FORMAT)
@@ -263,8 +263,7 @@ async def receive_buffer_with_info(
     """
     if not isinstance(stream, anyio.abc.UNIXSocketStream):
         raise TypeError(f"receive_buffer() needs a UNIXSocketStream, not {_tn(stream)}")
-    if not isinstance(require_same_uid, bool):
-        raise TypeError(f"require_same_uid must be a bool, not {_tn(require_same_uid)}")
+    check_bool(require_same_uid, "require_same_uid")
     peer = _peer_of(stream)
     if require_same_uid and peer.uid != os.geteuid():
         await anyio.lowlevel.checkpoint()
@@ -415,7 +414,7 @@ def _unpack_body(body: bytes) -> tuple[int, str | None, str, str | None]:
     if size <= 0:
         raise InvalidArgument("a share record claims an empty buffer")
     name, exporter, fmt = fields
-    return size, _fd.check_name(name or None), exporter, fmt or None
+    return size, check_name(name or None), exporter, fmt or None
 
 
 def _import(fd: int, size: int, writable: bool) -> DmaBuf:

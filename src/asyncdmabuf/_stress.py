@@ -36,11 +36,13 @@ from typing import Any, Literal, final, get_args
 import anyio
 import anyio.lowlevel
 
+from ._backends import current_loop_label, native_clock
 from ._buffer import Attachment, DmaBuf, live_buffers, lock_holder
 from ._device import Device
-from ._errors import Busy, DmaBufError, InvalidArgument, check_int
+from ._errors import Busy, DmaBufError, InvalidArgument
 from ._exporter import Exporter
 from ._sgtable import Direction, SgTable
+from ._validate import check_int
 
 __all__ = [
     "FAULT_OPS",
@@ -370,7 +372,7 @@ class _Run:
         #: Per buffer, the tile its bytes repeat; None while it must read as zeros.
         self.expected: list[bytes | None] = [None] * config.buffers
         self.verifiable = config.verify and type(exporter).vmap is not Exporter.vmap
-        self.clock = _clock()
+        self.clock = native_clock()
         self.tasks = [_Task(f"worker-{i}", self.clock) for i in range(config.tasks)]
         self.map_latency: array[float] = array("d")
         self.try_latency: array[float] = array("d")
@@ -450,7 +452,7 @@ async def run_stress(
     allocate = getattr(exporter, "allocate", None)
     if allocate is None:
         raise InvalidArgument(f"exporter {exporter.name!r} has no allocate(size)")
-    backend = _backend_name()
+    backend = current_loop_label() or "none"
     fds_before = _memfds()
     run = _Run(config, exporter)
     stats_before = _sim_stats(exporter)
@@ -520,32 +522,6 @@ async def run_stress(
         hang_report=run.hang_report,
         notes=tuple(notes),
     )
-
-
-def _clock() -> Callable[[], float]:
-    """The event loop's clock (``anyio.current_time`` without the dispatch)."""
-    import sniffio
-
-    if sniffio.current_async_library() == "trio":
-        import trio
-
-        return trio.current_time
-    import asyncio
-
-    return asyncio.get_running_loop().time
-
-
-def _backend_name() -> str:
-    import sniffio
-
-    name = sniffio.current_async_library()
-    if name == "asyncio":
-        import asyncio
-
-        loop = type(asyncio.get_running_loop())
-        if loop.__module__.startswith("uvloop"):
-            return "uvloop"
-    return name
 
 
 def _memfds() -> set[str]:
