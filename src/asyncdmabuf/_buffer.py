@@ -127,6 +127,7 @@ class DmaBuf:
         "__weakref__",
         "_attachments",
         "_cpu_access",
+        "_exported_fd",
         "_exporter",
         "_file",
         "_file_key",
@@ -153,6 +154,7 @@ class DmaBuf:
         self._attachments: list[Attachment] = []
         self._cpu_access: dict[str, int] = {}
         self._file: int | None = None
+        self._exported_fd = False
         self._file_key: tuple[int, int] | None = None
         self._resv: Reservation | None = None
 
@@ -238,6 +240,20 @@ class DmaBuf:
         self.resv.import_sync_fd(fd, mode)
 
     @property
+    def exposed(self) -> bool:
+        """True once an fd of the buffer has been handed out (:meth:`fd`, a share).
+
+        Whoever holds such an fd can reach the bytes for as long as it stays
+        open, beyond the buffer's refcount: a pool never reuses such a buffer.
+        """
+        return self._exported_fd
+
+    @property
+    def cpu_access_open(self) -> bool:
+        """True while a :meth:`begin_cpu_access` has no matching end."""
+        return bool(self._cpu_access)
+
+    @property
     def shared(self) -> bool:
         """True once the buffer has a file (after :meth:`fd` or :attr:`inode`)."""
         return self._file is not None
@@ -298,7 +314,9 @@ class DmaBuf:
             InvalidArgument: The buffer has been released.
         """
         self._check_live()
-        return _fd.dup_cloexec(self._ensure_file())
+        fd = _fd.dup_cloexec(self._ensure_file())
+        self._exported_fd = True
+        return fd
 
     def _close_file(self) -> None:
         fd, self._file = self._file, None
