@@ -13,8 +13,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Coroutine
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Coroutine, Generator
+from typing import Any, ClassVar, TypeVar, final
 
 import anyio
 import anyio.lowlevel
@@ -319,3 +319,37 @@ class FaultyExporter(Exporter):
             view.release()
             raise
         return view
+
+
+@final
+class Continue:
+    """Await the rest of a coroutine that has already yielded ``signal``.
+
+    For tests that step a coroutine up to its first suspension by hand, then
+    hand the rest to the event loop.
+    """
+
+    __slots__ = ("_coro", "_signal")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], signal: object) -> None:
+        self._coro = coro
+        self._signal = signal
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, signal = self._coro, self._signal
+        while True:
+            try:
+                sent = yield signal
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # thrown in by the event loop
+                try:
+                    signal = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    signal = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value

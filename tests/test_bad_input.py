@@ -142,7 +142,7 @@ async def test_bad_cpu_modes(mode: object) -> None:
     await _unchanged(lambda: buf.begin_cpu_access(mode), error, None)  # type: ignore[arg-type]
     await _unchanged(lambda: buf.end_cpu_access(mode), error, None)  # type: ignore[arg-type]
     await _unchanged(_sync(lambda: buf.export_sync_fd(mode)), error, None)  # type: ignore[arg-type]
-    assert buf._cpu_access == {}
+    assert buf.cpu_access_modes == ()
     await buf.put()
 
 

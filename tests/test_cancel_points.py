@@ -30,11 +30,10 @@ import pytest
 import asyncdmabuf as dmabuf
 from asyncdmabuf import Device, Direction, DmaBuf, Fence, SgTable, Usage
 from asyncdmabuf._buffer import live_buffers
-from asyncdmabuf._shield import _Continue
 from asyncdmabuf.exporters import MemfdExporter, SimDevice
 
 from .helpers import fd_targets, wait_all_blocked
-from .reliability import assert_quiet, assert_sim_exact, cancel_at
+from .reliability import Continue, assert_quiet, assert_sim_exact, cancel_at
 
 pytestmark = pytest.mark.anyio
 
@@ -128,7 +127,7 @@ async def _started(
         task_status.started()
         return
     task_status.started()
-    await _Continue(coro, signal)
+    await Continue(coro, signal)
 
 
 async def blocked() -> None:
@@ -549,14 +548,14 @@ class BeginCpuAccess(Scenario):
             self.buf._lock.release()
 
     async def cancelled(self) -> None:
-        assert self.buf._cpu_access == {}
+        assert self.buf.cpu_access_modes == ()
         assert_quiet(self.buf)
 
     async def succeeded(self, result: object) -> None:
-        assert self.buf._cpu_access == {"r": 1}
+        assert self.buf.cpu_access_modes == ("r",)
         assert_quiet(self.buf)
         await self.buf.end_cpu_access("r")
-        assert self.buf._cpu_access == {}
+        assert self.buf.cpu_access_modes == ()
 
     async def teardown(self) -> None:
         await self.buf.put()
@@ -601,7 +600,7 @@ class EndCpuAccess(Scenario):
         await self.succeeded(None)
 
     async def succeeded(self, result: object) -> None:
-        assert self.buf._cpu_access == {}
+        assert self.buf.cpu_access_modes == ()
         assert_quiet(self.buf)
 
     async def teardown(self) -> None:
@@ -630,7 +629,7 @@ class CpuAccessEnter(BeginCpuAccess):
         assert isinstance(result, memoryview)
         result[:4] = b"abcd"
         await self.access.__aexit__(None, None, None)
-        assert self.buf._cpu_access == {}
+        assert self.buf.cpu_access_modes == ()
         async with self.buf.cpu_access("r") as view:
             assert bytes(view[:4]) == b"abcd"
         assert_quiet(self.buf)

@@ -208,7 +208,7 @@ async def _release(exp: FaultyExporter, buf: DmaBuf) -> None:
 async def _begin(exp: FaultyExporter, buf: DmaBuf) -> None:
     with pytest.raises(InjectedError):
         await buf.begin_cpu_access("rw")
-    assert buf._cpu_access == {}
+    assert buf.cpu_access_modes == ()
     with pytest.raises(InvalidArgument):
         await buf.end_cpu_access("rw")
     assert_quiet(buf)
@@ -218,7 +218,7 @@ async def _begin_in_cpu_access(exp: FaultyExporter, buf: DmaBuf) -> None:
     with pytest.raises(InjectedError):
         async with buf.cpu_access("w"):
             pytest.fail("entered")  # pragma: no cover
-    assert buf._cpu_access == {}
+    assert buf.cpu_access_modes == ()
     assert exp.cpu == 0
     assert_quiet(buf)
 
@@ -227,7 +227,7 @@ async def _vmap(exp: FaultyExporter, buf: DmaBuf) -> None:
     with pytest.raises(InjectedError):
         async with buf.cpu_access("r"):
             pytest.fail("entered")  # pragma: no cover
-    assert buf._cpu_access == {}
+    assert buf.cpu_access_modes == ()
     assert exp.cpu == 0  # the begin was ended again
     assert_quiet(buf)
 
@@ -238,7 +238,7 @@ async def _end(exp: FaultyExporter, buf: DmaBuf) -> None:
     exp.fail = fail
     with pytest.raises(InjectedError):
         await buf.end_cpu_access("r")
-    assert buf._cpu_access == {}
+    assert buf.cpu_access_modes == ()
     assert_quiet(buf)
 
 
@@ -246,7 +246,7 @@ async def _end_in_cpu_access(exp: FaultyExporter, buf: DmaBuf) -> None:
     with pytest.raises(InjectedError):
         async with buf.cpu_access("rw") as view:
             view[:2] = b"ok"
-    assert buf._cpu_access == {}
+    assert buf.cpu_access_modes == ()
     assert_quiet(buf)
     exp.fail.clear()
     async with buf.cpu_access("r") as view:
@@ -357,7 +357,7 @@ async def _sim_backing_cpu(dev: SimDevice) -> None:
     with pytest.raises(OutOfMemory):
         async with buf.cpu_access("w"):
             pytest.fail("entered")  # pragma: no cover
-    assert buf._cpu_access == {}
+    assert buf.cpu_access_modes == ()
     _check_sim(dev, buf)
     assert dev.statistics().memory_in_use == 0
     await buf.put()
@@ -477,7 +477,7 @@ async def _sim_begin(dev: SimDevice) -> None:
     buf = await dev.allocate(PAGE)
     with pytest.raises(DmaBufError):
         await buf.begin_cpu_access("r")
-    assert buf._cpu_access == {}
+    assert buf.cpu_access_modes == ()
     assert dev.statistics().memory_pinned == 0
     _check_sim(dev, buf)
     await buf.put()
@@ -488,7 +488,7 @@ async def _sim_end(dev: SimDevice) -> None:
     with pytest.raises(DmaBufError):
         async with buf.cpu_access("w") as view:
             view[:1] = b"x"
-    assert buf._cpu_access == {}
+    assert buf.cpu_access_modes == ()
     assert dev.statistics().memory_pinned == 0
     _check_sim(dev, buf)
     async with buf.cpu_access("r") as view:

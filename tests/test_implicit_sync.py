@@ -86,7 +86,7 @@ async def test_cancelled_cpu_access_wait_leaves_nothing() -> None:
     with anyio.move_on_after(0) as scope:
         await buf.begin_cpu_access("r")
     assert scope.cancelled_caught
-    assert buf._cpu_access == {}
+    assert buf.cpu_access_modes == ()
     fence.signal()
     async with buf.cpu_access("r"):
         pass

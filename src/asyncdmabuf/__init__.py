@@ -8,7 +8,8 @@ and a checkpoint; every ``try_*`` operation is a plain function that never waits
 
 from __future__ import annotations
 
-from ._buffer import Attachment, DmaBuf, export, get
+from ._attachment import Attachment
+from ._buffer import DmaBuf, export, get
 from ._bufinfo import AttachmentInfo, BufInfo, FenceInfo, bufinfo, format_bufinfo
 from ._device import Device
 from ._errors import (

@@ -1,9 +1,10 @@
-"""Buffers and attachments: ``struct dma_buf`` and ``struct dma_buf_attachment``.
+"""Buffers: ``struct dma_buf``, its file, its refcount and its lock.
 
-Every operation that can wait takes the buffer's lock, a FIFO :class:`anyio.Lock`,
-and is therefore a checkpoint. State changes happen synchronously while the lock
-is held, between awaits, so a cancellation at any await leaves either the old
-state or the new one, never something in between.
+Every operation that can wait takes the buffer's lock, a FIFO lock, and is
+therefore a checkpoint. State changes happen synchronously while the lock is
+held, between awaits, so a cancellation at any await leaves either the old
+state or the new one, never something in between. Attachments live in
+``_attachment.py``, CPU access in ``_cpu_access.py``.
 
 The undoing operations (``unmap``, ``detach``, ``put``, ``end_cpu_access``)
 always finish their work, even in a cancelled scope: waiting for the lock and
@@ -16,32 +17,25 @@ from __future__ import annotations
 
 import enum
 import os
-import pickle
 import warnings
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Generator
 from types import TracebackType
-from typing import Any, Generic, TypeVar, final
+from typing import Any, final
 
-import anyio
-import anyio.lowlevel
-
-from . import _fd
-from ._backends import task_name
+from . import _cpu_access, _fd
+from ._attachment import Attachment, MoveNotify, detach_if_attached
 from ._device import Device
-from ._errors import Busy, DmaBufError, InvalidArgument
-from ._exporter import CpuMode, Exporter
+from ._errors import InvalidArgument
+from ._exporter import Exporter
 from ._lock import FifoLock
+from ._operation import Operation
 from ._resv import Reservation
-from ._sgtable import SgTable
-from ._shield import run_to_completion
-from ._types import Direction
-from ._validate import check_cpu_mode, check_direction, check_fd, check_int, check_name
+from ._types import CpuMode
+from ._undo import complete as complete_op
+from ._undo import run_undo, run_undo_sync
+from ._validate import check_cpu_mode, check_fd, check_int, check_name
 
-__all__ = ["Attachment", "DmaBuf", "export", "get"]
-
-T = TypeVar("T")
-MoveNotify = Callable[["Attachment"], object]
+__all__ = ["DmaBuf", "export", "get"]
 
 
 class _State(enum.Enum):
@@ -60,7 +54,7 @@ _by_file: weakref.WeakValueDictionary[tuple[int, int], DmaBuf] = (
 
 def live_buffers() -> list[DmaBuf]:
     """Return every buffer of this process that has not been released."""
-    return [buf for buf in list(_live) if buf._state is not _State.RELEASED]
+    return [buf for buf in list(_live) if not buf.released]
 
 
 def lock_holder(buf: DmaBuf) -> tuple[str | None, int]:
@@ -69,49 +63,8 @@ def lock_holder(buf: DmaBuf) -> tuple[str | None, int]:
     For watchdogs and debugging: the name of the task holding the lock (None
     when it is free) and the number of tasks queued for it.
     """
-    owner = buf._lock.owner
-    return (None if owner is None else task_name(owner)), buf._lock.waiting
-
-
-class _Operation(Generic[T]):
-    """The result of ``attach()`` / ``map()``: await it, or use it with ``async with``.
-
-    ``await op`` gives the result and leaves its undoing to the caller;
-    ``async with op as result`` undoes it on exit (``detach`` / ``unmap``).
-    As with trio's ``async with lock``, the block checkpoints on entry; its exit
-    completes the undoing without a checkpoint of its own (it waits, shielded,
-    only if the buffer's lock is contended), so nested blocks unwind fully
-    even in a cancelled scope, and the cancellation surfaces at the next
-    checkpoint.
-    """
-
-    __slots__ = ("_coro", "_result", "_undo")
-
-    def __init__(
-        self,
-        coro: Coroutine[Any, Any, T],
-        undo: Callable[[T], Awaitable[None]],
-    ) -> None:
-        self._coro = coro
-        self._undo = undo
-        self._result: T | None = None
-
-    def __await__(self) -> Generator[Any, None, T]:
-        return self._coro.__await__()
-
-    async def __aenter__(self) -> T:
-        self._result = await self._coro
-        return self._result
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        result, self._result = self._result, None
-        if result is not None:
-            await self._undo(result)
+    stats = buf._lock.statistics()
+    return stats.owner, stats.tasks_waiting
 
 
 @final
@@ -126,7 +79,7 @@ class DmaBuf:
     __slots__ = (
         "__weakref__",
         "_attachments",
-        "_cpu_access",
+        "_cpu",
         "_exported_fd",
         "_exporter",
         "_file",
@@ -152,7 +105,7 @@ class DmaBuf:
         self._state = _State.LIVE
         self._lock = FifoLock()
         self._attachments: list[Attachment] = []
-        self._cpu_access: dict[str, int] = {}
+        self._cpu = _cpu_access.CpuState()
         self._file: int | None = None
         self._exported_fd = False
         self._file_key: tuple[int, int] | None = None
@@ -212,6 +165,10 @@ class DmaBuf:
             self._resv = Reservation()
         return self._resv
 
+    def pending_resv(self) -> Reservation | None:
+        """Return the reservation if one was ever made (None: no fence ever)."""
+        return self._resv
+
     def export_sync_fd(self, mode: CpuMode) -> int:
         """Return one fd for the fences CPU access in ``mode`` would wait for.
 
@@ -251,7 +208,12 @@ class DmaBuf:
     @property
     def cpu_access_open(self) -> bool:
         """True while a :meth:`begin_cpu_access` has no matching end."""
-        return bool(self._cpu_access)
+        return bool(self._cpu)
+
+    @property
+    def cpu_access_modes(self) -> tuple[str, ...]:
+        """The modes of the CPU accesses open now, each as often as it is open."""
+        return self._cpu.modes()
 
     @property
     def shared(self) -> bool:
@@ -326,15 +288,6 @@ class DmaBuf:
         if fd is not None:
             os.close(fd)
 
-    # -- the lock -----------------------------------------------------------------
-
-    async def _wait_shielded(self) -> None:
-        """Queue for the lock whatever happens: for undo ops, which must complete.
-
-        Callers first try ``self._lock.acquire_nowait()``, which costs nothing.
-        """
-        await self._lock.wait_turn(shielded=True)
-
     # -- refcount ---------------------------------------------------------------
 
     def _get(self) -> DmaBuf:
@@ -345,30 +298,38 @@ class DmaBuf:
     async def put(self) -> None:
         """Drop one reference; the last one releases the buffer.
 
-        The release detaches whatever is still attached (each with a
-        ``ResourceWarning``), then awaits the exporter's ``release``. It runs
-        shielded and always completes, even in a cancelled scope.
+        The release ends open CPU accesses, detaches whatever is still attached
+        (each with a ``ResourceWarning``), then runs the exporter's
+        ``release``. It runs shielded and always completes, even in a cancelled
+        scope; then it checkpoints.
 
         Raises:
             InvalidArgument: The buffer has already been released.
         """
         self._check_live()
         self._refcount -= 1
+        lock = self._lock
         if self._refcount:
-            await self._lock.checkpoint()
+            await lock.checkpoint()
             return
         self._state = _State.RELEASING
         _live.discard(self)
         leftovers = [att.device.name for att in self._attachments]
-        errors: list[BaseException] = []
-        if not self._lock.acquire_nowait():
-            await self._wait_shielded()
+        errors: list[Exception] = []
+        if not lock.acquire_nowait():
+            await lock.wait_turn(shielded=True)
         try:
-            await run_to_completion(self._release_locked(errors))
+            await _cpu_access.end_all(self, errors)
+            for att in list(self._attachments):
+                await att._detach_locked(errors)
+            try:
+                await run_undo(self._exporter.release(self))
+            except Exception as exc:
+                errors.append(exc)
         finally:
             self._state = _State.RELEASED
             self._close_file()
-            self._lock.release()
+            lock.release()
         if leftovers:
             warnings.warn(
                 f"{self!r} released while still attached to {', '.join(leftovers)}",
@@ -377,15 +338,7 @@ class DmaBuf:
             )
         if errors:
             raise errors[0]
-        await self._lock.checkpoint()
-
-    async def _release_locked(self, errors: list[BaseException]) -> None:
-        for att in list(self._attachments):
-            await att._detach_locked(errors)
-        try:
-            await self._exporter.release(self)
-        except Exception as exc:
-            errors.append(exc)
+        await lock.checkpoint()
 
     async def aclose(self) -> None:
         """Same as :meth:`put`."""
@@ -405,11 +358,29 @@ class DmaBuf:
     def __del__(self) -> None:
         if getattr(self, "_state", _State.RELEASED) is _State.RELEASED:
             return
-        fd, self._file = self._file, None
-        if fd is not None:
-            os.close(fd)
+        # Garbage collection frees what the last put would have: the exporter
+        # gets its memory back. Ops that never wait run now; one that would
+        # wait cannot run without a loop, and the warning says so.
+        self._state = _State.RELEASED
+        errors: list[Exception] = []
+        done = True
+        try:
+            done &= _cpu_access.end_all_sync(self, errors)
+            for att in list(self._attachments):
+                done &= att._detach_sync(errors)
+            try:
+                done &= run_undo_sync(self._exporter.release(self))
+            except Exception as exc:
+                errors.append(exc)
+        finally:
+            self._close_file()
+        detail = ""
+        if not done:
+            detail = f"; {self._exporter!r} had to wait to release it and could not"
+        if errors:
+            detail += f"; releasing it raised {errors[0]!r}"
         warnings.warn(
-            f"{self!r} was garbage-collected without its last put",
+            f"{self!r} was garbage-collected without its last put{detail}",
             ResourceWarning,
             source=self,
             stacklevel=1,
@@ -419,13 +390,15 @@ class DmaBuf:
 
     def attach(
         self, device: Device, *, move_notify: MoveNotify | None = None
-    ) -> _Operation[Attachment]:
+    ) -> Operation[Attachment]:
         """Attach ``device`` to this buffer.
 
         ``await buf.attach(dev)`` returns the :class:`Attachment`;
-        ``async with buf.attach(dev) as att:`` also detaches it on exit. Giving
-        ``move_notify`` makes the attachment dynamic: the exporter may move the
-        backing while nothing is mapped, calling ``move_notify(attachment)`` first.
+        ``async with buf.attach(dev) as att:`` also detaches it on exit; the
+        result is a real coroutine, so ``create_task`` and ``start_soon`` take
+        it. Giving ``move_notify`` makes the attachment dynamic: the exporter
+        may move the backing while nothing is mapped, calling
+        ``move_notify(attachment)`` first.
 
         Raises:
             TypeError: ``device`` is not a :class:`Device`, or ``move_notify``
@@ -438,30 +411,37 @@ class DmaBuf:
         if move_notify is not None and not callable(move_notify):
             raise TypeError("move_notify must be callable")
         self._check_live()
-        return _Operation(self._attach(device, move_notify), _detach_if_attached)
+        return Operation(self._attach(device, move_notify), detach_if_attached)
 
     async def _attach(
         self, device: Device, move_notify: MoveNotify | None
     ) -> Attachment:
-        await self._lock.acquire()
+        lock = self._lock
+        await lock.acquire()
         try:
             self._check_live()
             att = Attachment(self, device, move_notify)
-            await self._exporter.attach(self, att)
-            att._attached = True
+            await complete_op(self._exporter.attach(self, att))
+            att._mark_attached()
             self._attachments.append(att)
         finally:
-            self._lock.release()
+            lock.release()
         return att
+
+    def _forget_attachment(self, att: Attachment) -> None:
+        self._attachments.remove(att)
 
     # -- CPU access ---------------------------------------------------------------
 
-    def cpu_access(self, mode: CpuMode = "rw") -> _CpuAccess:
+    def cpu_access(self, mode: CpuMode = "rw") -> _cpu_access.CpuAccess:
         """Return an async context manager giving a view of the bytes.
 
         ``"r"`` gives a read-only view, ``"w"`` and ``"rw"`` a writable one.
-        The view is released on exit; if something still exports it (a numpy
-        array made from it, say), exit raises ``BufferError``.
+        The view is released on exit. If something still exports it (a numpy
+        array made from it, say), the access is not ended (the buffer stays
+        pinned and nothing written through the array is lost): exit raises
+        ``BufferError`` if the block succeeded, or lets the block's exception
+        through with a note; a later :meth:`end_cpu_access` ends it.
 
         Raises:
             InvalidArgument: ``mode`` is not one of ``"r"``, ``"w"``, ``"rw"``,
@@ -469,7 +449,7 @@ class DmaBuf:
         """
         check_cpu_mode(mode)
         self._check_live()
-        return _CpuAccess(self, mode)
+        return _cpu_access.CpuAccess(self, mode)
 
     async def begin_cpu_access(self, mode: CpuMode) -> None:
         """Prepare the bytes for CPU access in ``mode`` (a checkpoint).
@@ -481,22 +461,7 @@ class DmaBuf:
         Raises:
             InvalidArgument: A bad mode, or the buffer has been released.
         """
-        check_cpu_mode(mode)
-        self._check_live()
-        while True:
-            resv = self._resv
-            if resv is not None and not resv.test_for_cpu(mode):
-                await resv.wait_for_cpu(mode)
-            await self._lock.acquire()
-            if resv is None or resv.test_for_cpu(mode):
-                break
-            self._lock.release()  # a fence came while we queued: wait again
-        try:
-            self._check_live()
-            await self._exporter.begin_cpu_access(self, mode)
-            self._cpu_access[mode] = self._cpu_access.get(mode, 0) + 1
-        finally:
-            self._lock.release()
+        await _cpu_access.begin(self, mode)
 
     async def end_cpu_access(self, mode: CpuMode) -> None:
         """End CPU access begun with :meth:`begin_cpu_access`.
@@ -506,350 +471,11 @@ class DmaBuf:
 
         Raises:
             InvalidArgument: A bad mode, or no matching ``begin_cpu_access``.
+            BufferError: Every open access in ``mode`` still has its view
+                exported (by a live numpy array): it stays open.
         """
-        await self._end_cpu_access(mode)
+        await _cpu_access.end(self, mode)
         await self._lock.checkpoint()
-
-    async def _end_cpu_access(self, mode: CpuMode) -> None:
-        """:meth:`end_cpu_access` without the final checkpoint (for ``__aexit__``)."""
-        check_cpu_mode(mode)
-        if not self._cpu_access.get(mode):
-            raise InvalidArgument(f"end_cpu_access({mode!r}) without begin_cpu_access")
-        if not self._lock.acquire_nowait():
-            await self._wait_shielded()
-        try:
-            count = self._cpu_access.get(mode, 0)
-            if not count:
-                raise InvalidArgument(
-                    f"end_cpu_access({mode!r}) without begin_cpu_access"
-                )
-            if count == 1:
-                del self._cpu_access[mode]
-            else:
-                self._cpu_access[mode] = count - 1
-            await run_to_completion(self._exporter.end_cpu_access(self, mode))
-        finally:
-            self._lock.release()
-
-
-@final
-class _CpuAccess:
-    """``async with buf.cpu_access(mode) as view``: begin, a view, end.
-
-    The view handed out is a re-export (through :class:`pickle.PickleBuffer`)
-    of a view private to this access, so that on exit the private view can
-    tell whether anything derived from the handed-out one (a numpy array, a
-    ctypes object) still holds the memory: then exit raises ``BufferError``.
-    """
-
-    __slots__ = ("_base", "_buf", "_mode", "_view")
-
-    def __init__(self, buf: DmaBuf, mode: CpuMode) -> None:
-        self._buf = buf
-        self._mode = mode
-        self._base: memoryview | None = None
-        self._view: memoryview | None = None
-
-    async def __aenter__(self) -> memoryview:
-        buf = self._buf
-        await buf.begin_cpu_access(self._mode)
-        try:
-            base = buf._exporter.vmap(buf)
-            if self._mode == "r":
-                readonly = base.toreadonly()
-                base.release()
-                base = readonly
-            view = memoryview(pickle.PickleBuffer(base))
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await buf.end_cpu_access(self._mode)
-            raise
-        self._base, self._view = base, view
-        return view
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        base, view = self._base, self._view
-        self._base = self._view = None
-        try:
-            if view is not None:
-                view.release()
-            if base is not None:
-                base.release()  # BufferError while anything still holds it
-        finally:
-            # Like trio's ``async with lock``, the block's checkpoint was at entry:
-            # the exit ends the access (waiting, shielded, only if contended).
-            await self._buf._end_cpu_access(self._mode)
-
-
-@final
-class Attachment:
-    """One device's use of one buffer: ``struct dma_buf_attachment``.
-
-    Made by :meth:`DmaBuf.attach`; maps with :meth:`map` / :meth:`try_map`,
-    ends with :meth:`detach`.
-    """
-
-    __slots__ = (
-        "__weakref__",
-        "_attached",
-        "_buffer",
-        "_checked_entries",
-        "_device",
-        "_mappings",
-        "_move_notify",
-        "priv",
-    )
-
-    def __init__(
-        self, buffer: DmaBuf, device: Device, move_notify: MoveNotify | None
-    ) -> None:
-        self._buffer = buffer
-        self._device = device
-        self._move_notify = move_notify
-        #: The exporter's state for this attachment (the kernel's ``attach->priv``).
-        self.priv: Any = None
-        # Insertion-ordered; a dict so that lookup and removal are O(1).
-        self._mappings: dict[SgTable, None] = {}
-        self._attached = False
-        #: The last entries tuple SgTable checked for this attachment.
-        self._checked_entries: object = None
-
-    @property
-    def buffer(self) -> DmaBuf:
-        """The buffer attached to."""
-        return self._buffer
-
-    @property
-    def device(self) -> Device:
-        """The importing device."""
-        return self._device
-
-    @property
-    def dynamic(self) -> bool:
-        """True for an attachment made with ``move_notify``."""
-        return self._move_notify is not None
-
-    @property
-    def attached(self) -> bool:
-        """True until :meth:`detach` (or the buffer's release)."""
-        return self._attached
-
-    @property
-    def mappings(self) -> tuple[SgTable, ...]:
-        """The tables mapped and not yet unmapped, oldest first."""
-        return tuple(self._mappings)
-
-    def move_notify(self) -> None:
-        """Tell a dynamic importer its buffer is about to move (exporters call this).
-
-        Does nothing for a static attachment.
-        """
-        if self._move_notify is not None:
-            self._move_notify(self)
-
-    def __repr__(self) -> str:
-        state = "attached" if self._attached else "detached"
-        return (
-            f"<Attachment {self._device.name!r} to {self._buffer!r}, "
-            f"{len(self._mappings)} mapped, {state}>"
-        )
-
-    def _check_usable(self) -> None:
-        if not self._attached:
-            raise InvalidArgument(f"{self!r} is detached")
-        self._buffer._check_live()
-
-    # -- map ----------------------------------------------------------------------
-
-    def map(
-        self, direction: Direction, *, interruptible: bool = True
-    ) -> _Operation[SgTable]:
-        """Map the buffer for this device.
-
-        ``await att.map(d)`` returns the :class:`SgTable`; ``async with
-        att.map(d) as sgt:`` also unmaps it on exit. Always a checkpoint: takes
-        the buffer's lock (waiters are served first come, first served), then
-        awaits the exporter, which may allocate backing first. Cancelled while
-        waiting, it leaves nothing behind and may simply be retried; with
-        ``interruptible=False`` the wait is shielded from cancellation.
-
-        Raises:
-            TypeError: ``direction`` is not a :class:`Direction`.
-            InvalidArgument: The attachment is detached or the buffer released.
-            DmaBufError: The exporter failed, or returned a broken table.
-        """
-        direction = check_direction(direction)
-        self._check_usable()
-        coro = self._map(direction)
-        if not interruptible:
-            coro = _shielded(coro)
-        return _Operation(coro, self._unmap_if_mapped)
-
-    async def _map(self, direction: Direction) -> SgTable:
-        buf = self._buffer
-        await buf._lock.acquire()
-        try:
-            self._check_usable()
-            sgt = await buf._exporter.map(self, direction)
-            self._record(sgt, direction)
-        finally:
-            buf._lock.release()
-        return sgt
-
-    def try_map(self, direction: Direction) -> SgTable:
-        """Map without waiting: return a table, or raise :class:`Busy`.
-
-        Never checkpoints. Raises ``Busy`` whenever :meth:`map` would have
-        waited: the buffer's lock is held or has waiters, or the exporter could
-        only map by waiting. When it returns, the result is the same as
-        :meth:`map`'s.
-
-        Raises:
-            Busy: A map would have had to wait.
-            TypeError: ``direction`` is not a :class:`Direction`.
-            InvalidArgument: The attachment is detached or the buffer released.
-        """
-        direction = check_direction(direction)
-        self._check_usable()
-        buf = self._buffer
-        if buf._lock.contended():
-            raise Busy(f"{buf!r} is locked")
-        sgt = buf._exporter.try_map(self, direction)
-        self._record(sgt, direction)
-        return sgt
-
-    def _record(self, sgt: object, direction: Direction) -> None:
-        if (
-            type(sgt) is not SgTable
-            or sgt._attachment is not self
-            or sgt._direction is not direction
-            or not sgt._valid
-            or sgt in self._mappings
-        ):
-            raise DmaBufError(
-                f"exporter {self._buffer._exporter.name!r} returned {sgt!r}, "
-                f"not a fresh {direction.name} table for {self!r}"
-            )
-        self._mappings[sgt] = None
-
-    async def unmap(self, sgt: SgTable) -> None:
-        """Unmap a table returned by :meth:`map` or :meth:`try_map`.
-
-        The unmap always completes, even in a cancelled scope: waiting for the
-        lock and the exporter's ``unmap`` are shielded. Then, like trio's
-        ``aclose()``, it is a checkpoint, where a pending cancellation is
-        raised. To undo several things in a cancelled scope, use the ``async
-        with`` forms, or a shielded scope.
-
-        Raises:
-            TypeError: ``sgt`` is not an :class:`SgTable`.
-            InvalidArgument: The table is already unmapped, or belongs to
-                another attachment.
-        """
-        await self._unmap(sgt)
-        await self._buffer._lock.checkpoint()
-
-    async def _unmap(self, sgt: SgTable) -> None:
-        """:meth:`unmap` without the final checkpoint (for ``__aexit__``)."""
-        if not isinstance(sgt, SgTable):
-            raise TypeError(f"unmap() needs an SgTable, not {type(sgt).__name__}")
-        self._check_mapped(sgt)
-        buf = self._buffer
-        if not buf._lock.acquire_nowait():
-            await buf._wait_shielded()
-        try:
-            self._check_mapped(sgt)
-            self._forget(sgt)
-            await run_to_completion(buf._exporter.unmap(self, sgt, sgt._direction))
-        finally:
-            buf._lock.release()
-
-    async def _unmap_if_mapped(self, sgt: SgTable) -> None:
-        if sgt._valid:
-            await self._unmap(sgt)
-
-    def _check_mapped(self, sgt: SgTable) -> None:
-        if sgt._attachment is not self:
-            raise InvalidArgument(f"{sgt!r} was not mapped by {self!r}")
-        if not sgt._valid:
-            raise InvalidArgument(f"{sgt!r} is not mapped")
-
-    def _forget(self, sgt: SgTable) -> None:
-        sgt._valid = False
-        del self._mappings[sgt]
-
-    # -- detach -------------------------------------------------------------------
-
-    async def detach(self) -> None:
-        """Detach from the buffer; leftover mappings are unmapped.
-
-        Each leftover mapping is unmapped with a ``ResourceWarning``. Like
-        :meth:`unmap`, it completes even in a cancelled scope, then checkpoints.
-
-        Raises:
-            InvalidArgument: Already detached.
-        """
-        await self._detach()
-        await self._buffer._lock.checkpoint()
-
-    async def _detach(self) -> None:
-        """:meth:`detach` without the final checkpoint (for ``__aexit__``)."""
-        if not self._attached:
-            raise InvalidArgument(f"{self!r} is already detached")
-        buf = self._buffer
-        errors: list[BaseException] = []
-        if not buf._lock.acquire_nowait():
-            await buf._wait_shielded()
-        try:
-            if not self._attached:
-                raise InvalidArgument(f"{self!r} is already detached")
-            leftovers = len(self._mappings)
-            await run_to_completion(self._detach_locked(errors))
-        finally:
-            buf._lock.release()
-        if leftovers:
-            warnings.warn(
-                f"{self!r} detached with {leftovers} table(s) still mapped",
-                ResourceWarning,
-                stacklevel=3,
-            )
-        if errors:
-            raise errors[0]
-
-    async def _detach_locked(self, errors: list[BaseException]) -> None:
-        """Unmap what is left, then detach; the lock is held, cancellation shielded.
-
-        Every step runs even if an earlier one failed; failures go to ``errors``.
-        """
-        exporter = self._buffer._exporter
-        for sgt in list(self._mappings):
-            self._forget(sgt)
-            try:
-                await exporter.unmap(self, sgt, sgt._direction)
-            except Exception as exc:
-                errors.append(exc)
-        self._attached = False
-        self._buffer._attachments.remove(self)
-        try:
-            await exporter.detach(self._buffer, self)
-        except Exception as exc:
-            errors.append(exc)
-
-
-async def _detach_if_attached(att: Attachment) -> None:
-    if att._attached:
-        await att._detach()
-
-
-async def _shielded(coro: Coroutine[Any, Any, T]) -> T:
-    with anyio.CancelScope(shield=True):
-        result = await coro
-    return result
 
 
 def export(

@@ -43,10 +43,13 @@ class BufInfo:
     refcount: int
     attachments: tuple[AttachmentInfo, ...]
     fences: tuple[FenceInfo, ...] = ()
+    cpu_access: tuple[str, ...] = ()
+    """The modes of the CPU accesses open now (``begin_cpu_access`` not ended)."""
 
 
 def _fences(buf: DmaBuf) -> tuple[FenceInfo, ...]:
-    if buf._resv is None:
+    resv = buf.pending_resv()
+    if resv is None:
         return ()
     return tuple(
         FenceInfo(
@@ -56,7 +59,7 @@ def _fences(buf: DmaBuf) -> tuple[FenceInfo, ...]:
             seqno=fence.seqno,
             signaled=fence.signaled,
         )
-        for fence, usage in buf._resv.fences(Usage.READ)
+        for fence, usage in resv.fences(Usage.READ)
     )
 
 
@@ -76,6 +79,7 @@ def _info(buf: DmaBuf) -> BufInfo:
             for att in buf.attachments
         ),
         fences=_fences(buf),
+        cpu_access=buf.cpu_access_modes,
     )
 
 
@@ -85,8 +89,16 @@ def bufinfo() -> list[BufInfo]:
 
 
 def format_bufinfo(infos: list[BufInfo] | None = None) -> str:
-    """Return :func:`bufinfo` as a table in the spirit of the kernel's bufinfo."""
+    """Return :func:`bufinfo` as a table in the spirit of the kernel's bufinfo.
+
+    Raises:
+        TypeError: ``infos`` is not a list of :class:`BufInfo`.
+    """
     infos = bufinfo() if infos is None else infos
+    if not isinstance(infos, list | tuple) or not all(
+        isinstance(info, BufInfo) for info in infos
+    ):
+        raise TypeError("format_bufinfo() takes a list of BufInfo records")
     lines = [
         "Dma-buf Objects:",
         f"{'size':<16}{'count':<8}{'exp_name':<16}{'ino':<12}name",
@@ -104,6 +116,8 @@ def format_bufinfo(infos: list[BufInfo] | None = None) -> str:
                 f"\t{fence.usage} fence: {fence.driver} {fence.timeline} "
                 f"seq {fence.seqno} {state}"
             )
+        if info.cpu_access:
+            lines.append(f"\tcpu access: {', '.join(info.cpu_access)}")
         lines.append("\tAttached Devices:")
         for att in info.attachments:
             kind = " (dynamic)" if att.dynamic else ""

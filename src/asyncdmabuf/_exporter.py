@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, ClassVar
 
 from ._errors import Busy, InvalidArgument
 from ._types import CpuMode
 
 if TYPE_CHECKING:
-    from ._buffer import Attachment, DmaBuf
+    from ._attachment import Attachment
+    from ._buffer import DmaBuf
     from ._sgtable import SgTable
     from ._types import Direction
 
@@ -20,11 +22,19 @@ class Exporter(abc.ABC):
     """Base class of every exporter.
 
     The framework calls the ops with the buffer's lock held, so an op never
-    runs concurrently with another op on the same buffer. Async ops may wait
-    (allocate, evict, simulate latency); each must be cancellation-safe: when a
-    cancellation interrupts it, it undoes what it had done, or keeps it only as
-    a cache of its own, and lets the cancellation propagate. ``unmap``,
-    ``detach`` and ``release`` are always called shielded from cancellation.
+    runs concurrently with another op on the same buffer.
+
+    Each op may be a coroutine function (``async def``): it may then wait for
+    anything (sleeps, I/O, its own ``fail_after`` / ``move_on_after`` scopes),
+    and must be cancellation-safe (when a cancellation interrupts it, it undoes
+    what it had done, or keeps it only as a cache of its own, and lets the
+    cancellation propagate). An op that never waits may instead be a plain
+    function (``def``), which the framework calls without a task switch or a
+    cancel scope. The undo ops ``unmap``, ``detach``, ``release`` and
+    ``end_cpu_access`` are run to completion, shielded from the caller's
+    cancellation, from their first step; the op's own cancel scopes keep
+    working inside the shield. A plain ``release`` also lets garbage
+    collection give an unput buffer's memory back.
 
     State belongs in ``buf.priv`` and ``attachment.priv``.
     """
@@ -33,7 +43,7 @@ class Exporter(abc.ABC):
     #: instance may shadow it with a name of its own, as ``SimDevice`` does).
     name: ClassVar[str] = "exporter"
 
-    async def attach(self, buf: DmaBuf, attachment: Attachment) -> None:  # noqa: B027
+    def attach(self, buf: DmaBuf, attachment: Attachment) -> Awaitable[None] | None:
         """Accept a new attachment, or refuse it.
 
         The new attachment is not yet in ``buf.attachments`` while this runs;
@@ -42,12 +52,16 @@ class Exporter(abc.ABC):
         Raises:
             Busy: The backing already exists and cannot serve this device.
         """
+        return None
 
-    async def detach(self, buf: DmaBuf, attachment: Attachment) -> None:  # noqa: B027
+    def detach(self, buf: DmaBuf, attachment: Attachment) -> Awaitable[None] | None:
         """Forget an attachment; it has no mappings left."""
+        return None
 
     @abc.abstractmethod
-    async def map(self, attachment: Attachment, direction: Direction) -> SgTable:
+    def map(
+        self, attachment: Attachment, direction: Direction
+    ) -> Awaitable[SgTable] | SgTable:
         """Return a scatter table for ``attachment``, waiting for backing if needed."""
 
     def try_map(self, attachment: Attachment, direction: Direction) -> SgTable:
@@ -61,20 +75,22 @@ class Exporter(abc.ABC):
         raise Busy(f"exporter {self.name!r} cannot map without waiting")
 
     @abc.abstractmethod
-    async def unmap(
+    def unmap(
         self, attachment: Attachment, sgt: SgTable, direction: Direction
-    ) -> None:
+    ) -> Awaitable[None] | None:
         """Give back a table returned by :meth:`map` or :meth:`try_map`."""
 
     @abc.abstractmethod
-    async def release(self, buf: DmaBuf) -> None:
+    def release(self, buf: DmaBuf) -> Awaitable[None] | None:
         """Free the buffer's backing after its last put; called exactly once."""
 
-    async def begin_cpu_access(self, buf: DmaBuf, mode: CpuMode) -> None:  # noqa: B027
+    def begin_cpu_access(self, buf: DmaBuf, mode: CpuMode) -> Awaitable[None] | None:
         """Make the bytes coherent for the CPU before it reads or writes them."""
+        return None
 
-    async def end_cpu_access(self, buf: DmaBuf, mode: CpuMode) -> None:  # noqa: B027
+    def end_cpu_access(self, buf: DmaBuf, mode: CpuMode) -> Awaitable[None] | None:
         """Make the CPU's writes visible to devices again."""
+        return None
 
     def vmap(self, buf: DmaBuf) -> memoryview:
         """Return a writable view of the buffer's bytes in this process.

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, NamedTuple, overload
+from typing import TYPE_CHECKING, NamedTuple, final, overload
 
 from ._errors import InvalidArgument
 from ._types import Direction
 from ._validate import check_direction
 
 if TYPE_CHECKING:
-    from ._buffer import Attachment
+    from ._attachment import Attachment
+    from ._device import Device
 
-__all__ = ["Direction", "SgEntry", "SgTable"]
+__all__ = ["Direction", "SgEntry", "SgTable", "check_entries"]
 
 
 class SgEntry(NamedTuple):
@@ -30,19 +31,19 @@ class SgEntry(NamedTuple):
     offset: int
 
 
-def _check_entries(entries: tuple[SgEntry, ...], attachment: Attachment) -> None:
-    size = attachment.buffer.size
-    device = attachment.device
+def check_entries(entries: tuple[SgEntry, ...], size: int, device: Device) -> None:
+    """Check that ``entries`` cover ``[0, size)`` exactly and fit ``device``.
+
+    Raises:
+        InvalidArgument: A gap, an overlap, a short or long table, or an entry
+            that breaks one of the device's constraints (named in the message).
+    """
     if device.contiguous and len(entries) != 1:
         raise InvalidArgument(
             f"device {device.name!r} needs one contiguous entry, got {len(entries)}"
         )
     expected = 0
     for entry in entries:
-        if type(entry) is not SgEntry:
-            raise TypeError(
-                f"table entries must be SgEntry, not {type(entry).__name__}"
-            )
         address, length, offset = entry
         if offset != expected:
             raise InvalidArgument(
@@ -57,14 +58,14 @@ def _check_entries(entries: tuple[SgEntry, ...], attachment: Attachment) -> None
         raise InvalidArgument(f"table covers {expected} bytes of a {size}-byte buffer")
 
 
+@final
 class SgTable(Sequence[SgEntry]):
-    """An immutable scatter table covering a buffer exactly, in buffer order.
+    """An immutable scatter table: entries in buffer order, a direction, an attachment.
 
-    Exporters build one per map; the constructor checks that the entries cover
-    ``[0, buffer.size)`` without gaps and meet every constraint of the
-    attachment's device, so a table that exists is a table a device can use.
-    An exporter that returns the very same ``tuple`` of entries again (a cached
-    layout) is not checked twice.
+    A plain value: exporters build one per map, and the framework checks it
+    when the exporter returns it (coverage of ``[0, size)``, the device's
+    constraints; a cached entries tuple returned again is checked once).
+    Whether it is mapped is the attachment's to say (:attr:`valid`).
 
     Args:
         entries: The runs, in buffer order.
@@ -72,12 +73,12 @@ class SgTable(Sequence[SgEntry]):
         attachment: The attachment it was mapped for.
 
     Raises:
-        TypeError: An entry is not an :class:`SgEntry`, or the direction is not one.
-        InvalidArgument: The entries do not cover the buffer exactly or break a
-            device constraint.
+        TypeError: An entry is not an :class:`SgEntry`, the direction is not
+            one, or ``attachment`` is not an :class:`Attachment`.
+        InvalidArgument: The direction is an int that names none.
     """
 
-    __slots__ = ("__weakref__", "_attachment", "_direction", "_entries", "_valid")
+    __slots__ = ("__weakref__", "_attachment", "_direction", "_entries")
 
     def __init__(
         self,
@@ -86,14 +87,20 @@ class SgTable(Sequence[SgEntry]):
         direction: Direction,
         attachment: Attachment,
     ) -> None:
+        if not isinstance(attachment, _attachment.Attachment):
+            raise TypeError(
+                f"an SgTable needs an Attachment, not {type(attachment).__name__}"
+            )
         items = entries if type(entries) is tuple else tuple(entries)
-        if items is not attachment._checked_entries:
-            _check_entries(items, attachment)
-            attachment._checked_entries = items
+        if items is not attachment.checked_entries:
+            for entry in items:
+                if type(entry) is not SgEntry:
+                    raise TypeError(
+                        f"table entries must be SgEntry, not {type(entry).__name__}"
+                    )
         self._entries: tuple[SgEntry, ...] = items
         self._direction = check_direction(direction)
         self._attachment = attachment
-        self._valid = True
 
     @property
     def entries(self) -> tuple[SgEntry, ...]:
@@ -117,8 +124,8 @@ class SgTable(Sequence[SgEntry]):
 
     @property
     def valid(self) -> bool:
-        """True until the table is unmapped."""
-        return self._valid
+        """True while the table is mapped: not before its map, nor after unmap."""
+        return self._attachment.is_mapped(self)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -134,8 +141,11 @@ class SgTable(Sequence[SgEntry]):
         return iter(self._entries)
 
     def __repr__(self) -> str:
-        state = "" if self._valid else ", unmapped"
+        state = "" if self.valid else ", unmapped"
         return (
             f"<SgTable {len(self._entries)} entries, {self.nbytes} bytes, "
             f"{self._direction.name}{state}>"
         )
+
+
+from . import _attachment  # noqa: E402  (SgTable checks its argument's type at call time)

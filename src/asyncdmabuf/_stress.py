@@ -36,8 +36,9 @@ from typing import Any, Literal, final, get_args
 import anyio
 import anyio.lowlevel
 
+from ._attachment import Attachment
 from ._backends import current_loop_label, native_clock
-from ._buffer import Attachment, DmaBuf, live_buffers, lock_holder
+from ._buffer import DmaBuf, live_buffers, lock_holder
 from ._device import Device
 from ._errors import Busy, DmaBufError, InvalidArgument
 from ._exporter import Exporter

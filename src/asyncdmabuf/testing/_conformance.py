@@ -208,33 +208,61 @@ class _OpLog:
             raise _fail("; ".join(problems))
 
 
+def _logged(
+    result: Any,
+    log: _OpLog,
+    done: Callable[[Any], None] = lambda _: None,
+    shielded: str | None = None,
+) -> Any:
+    """Pass an op's result on, plain or awaitable, as the op gave it.
+
+    ``done`` runs with the op's value once it is there; ``shielded`` names an
+    undo op whose cancellation is a problem.
+    """
+    if not inspect.isawaitable(result):
+        done(result)
+        return result
+
+    async def run() -> Any:
+        try:
+            value = await result
+        except anyio.get_cancelled_exc_class():
+            if shielded is not None:
+                log.problems.append(f"{shielded}() was cancelled; it must be shielded")
+            raise
+        done(value)
+        return value
+
+    return run()
+
+
 def _instrument(exporter: Exporter, log: _OpLog) -> Callable[[], None]:
-    """Swap ``exporter``'s class for a subclass that logs each op; return an undo."""
+    """Swap ``exporter``'s class for a subclass that logs each op; return an undo.
+
+    Each logged op is plain where the exporter's is plain and a coroutine where
+    the exporter's is, so the framework sees the exporter as it is.
+    """
     cls = type(exporter)
-    cancelled = anyio.get_cancelled_exc_class
 
-    async def attach(self: Exporter, buf: DmaBuf, attachment: Attachment) -> None:
-        await cls.attach(self, buf, attachment)
-        log.attached[id(attachment)] = attachment
+    def attach(self: Exporter, buf: DmaBuf, attachment: Attachment) -> Any:
+        def done(_: object) -> None:
+            log.attached[id(attachment)] = attachment
 
-    async def detach(self: Exporter, buf: DmaBuf, attachment: Attachment) -> None:
+        return _logged(cls.attach(self, buf, attachment), log, done)
+
+    def detach(self: Exporter, buf: DmaBuf, attachment: Attachment) -> Any:
         key = id(attachment)
         log.detached[key] = log.detached.get(key, 0) + 1
-        try:
-            await cls.detach(self, buf, attachment)
-        except cancelled():
-            log.problems.append("detach() was cancelled; it must be shielded")
-            raise
+        return _logged(cls.detach(self, buf, attachment), log, shielded="detach")
 
-    async def map_(
-        self: Exporter, attachment: Attachment, direction: Direction
-    ) -> SgTable:
-        sgt = await cls.map(self, attachment, direction)
-        log.mapped[id(sgt)] = sgt
-        return sgt
+    def map_(self: Exporter, attachment: Attachment, direction: Direction) -> Any:
+        def done(sgt: Any) -> None:
+            log.mapped[id(sgt)] = sgt
+
+        return _logged(cls.map(self, attachment, direction), log, done)
 
     def try_map(self: Exporter, attachment: Attachment, direction: Direction) -> Any:
-        sgt = cls.try_map(self, attachment, direction)
+        sgt: Any = cls.try_map(self, attachment, direction)
         if inspect.isawaitable(sgt):
             close = getattr(sgt, "close", None)
             if close is not None:
@@ -244,28 +272,22 @@ def _instrument(exporter: Exporter, log: _OpLog) -> Callable[[], None]:
         log.mapped[id(sgt)] = sgt
         return sgt
 
-    async def unmap(
+    def unmap(
         self: Exporter, attachment: Attachment, sgt: SgTable, direction: Direction
-    ) -> None:
+    ) -> Any:
         key = id(sgt)
         log.unmapped[key] = log.unmapped.get(key, 0) + 1
         if direction is not sgt.direction:
             log.problems.append(f"unmap() got {direction!r} for {sgt!r}")
-        try:
-            await cls.unmap(self, attachment, sgt, direction)
-        except cancelled():
-            log.problems.append("unmap() was cancelled; it must be shielded")
-            raise
+        return _logged(
+            cls.unmap(self, attachment, sgt, direction), log, shielded="unmap"
+        )
 
-    async def release(self: Exporter, buf: DmaBuf) -> None:
+    def release(self: Exporter, buf: DmaBuf) -> Any:
         key = id(buf)
         log.buffers[key] = buf
         log.released[key] = log.released.get(key, 0) + 1
-        try:
-            await cls.release(self, buf)
-        except cancelled():
-            log.problems.append("release() was cancelled; it must be shielded")
-            raise
+        return _logged(cls.release(self, buf), log, shielded="release")
 
     namespace: dict[str, object] = {
         "__slots__": (),
