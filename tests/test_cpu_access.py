@@ -39,7 +39,7 @@ async def test_a_view_kept_past_exit_keeps_the_access_open() -> None:
 
 async def test_the_body_exception_propagates_unchanged() -> None:
     buf = await MemfdExporter().allocate(4096)
-    with pytest.raises(ValueError, match="app bug") as info:
+    with pytest.raises(ValueError, match="app bug") as info:  # noqa: PT012
         async with buf.cpu_access("w") as view:
             arr = np.frombuffer(view, dtype=np.uint8)
             arr[:] = 1
@@ -74,7 +74,7 @@ async def test_the_last_put_ends_an_access_left_open() -> None:
 async def test_simdev_buffer_stays_resident_while_a_view_lives() -> None:
     sim = SimDevice("sim", memory=1 << 16)
     buf = await sim.allocate(4096)
-    with pytest.raises(BufferError):
+    with pytest.raises(BufferError):  # noqa: PT012
         async with buf.cpu_access("w") as view:
             kept = np.frombuffer(view, dtype=np.uint8)
             kept[:4] = (1, 2, 3, 4)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno as _errno
 import os
 
+import anyio
+
 __all__ = [
     "BadFileDescriptor",
     "Busy",
@@ -45,8 +47,12 @@ def _rebuild(cls: type[DmaBufError], message: str, code: int) -> DmaBufError:
     return cls(message, code=code)
 
 
-class Busy(DmaBufError):
-    """EBUSY: a ``try_*`` call would have had to wait, or an exporter refused."""
+class Busy(DmaBufError, anyio.WouldBlock):
+    """EBUSY: a ``try_*`` call would have had to wait, or an exporter refused.
+
+    Also an :class:`anyio.WouldBlock`, so code written for anyio's ``*_nowait``
+    conventions catches it.
+    """
 
     default_errno = _errno.EBUSY
 

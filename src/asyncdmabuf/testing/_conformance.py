@@ -178,6 +178,8 @@ class _OpLog:
         self.released: dict[int, int] = {}
         self.buffers: dict[int, DmaBuf] = {}
         self.problems: list[str] = []
+        #: Make every undo op wait, in scopes of its own (see ``_logged``).
+        self.awaiting = False
 
     def check(self) -> None:
         """Raise ConformanceError unless every op was undone exactly once."""
@@ -217,15 +219,23 @@ def _logged(
     """Pass an op's result on, plain or awaitable, as the op gave it.
 
     ``done`` runs with the op's value once it is there; ``shielded`` names an
-    undo op whose cancellation is a problem.
+    undo op whose cancellation is a problem. With ``log.awaiting`` set, every
+    undo op is made to wait first, in cancel scopes of its own (a sleep with a
+    deadline, a ``move_on_after``), as an exporter's op may.
     """
-    if not inspect.isawaitable(result):
+    awaiting = log.awaiting and shielded is not None
+    if not awaiting and not inspect.isawaitable(result):
         done(result)
         return result
 
     async def run() -> Any:
         try:
-            value = await result
+            if awaiting:
+                with anyio.fail_after(60):
+                    await anyio.sleep(0.0001)
+                with anyio.move_on_after(60):
+                    await anyio.lowlevel.checkpoint()
+            value = await result if inspect.isawaitable(result) else result
         except anyio.get_cancelled_exc_class():
             if shielded is not None:
                 log.problems.append(f"{shielded}() was cancelled; it must be shielded")
@@ -781,6 +791,19 @@ class ExporterConformance:
         Each reaches the exporter exactly once and never cancelled, then
         raises the pending cancellation at its final checkpoint.
         """
+        await self._undo_in_cancelled_scopes()
+
+    async def test_undo_ops_that_await_complete_in_a_cancelled_scope(self) -> None:
+        """The same, with every undo op made to wait in cancel scopes of its own.
+
+        An exporter's undo op may sleep, do I/O, or use its own ``fail_after``:
+        it must still complete under the caller's cancellation, on every
+        backend, with no hang and no cancel-scope error.
+        """
+        self._log.awaiting = True
+        await self._undo_in_cancelled_scopes()
+
+    async def _undo_in_cancelled_scopes(self) -> None:
         device = self.devices[0]
         for size in self.sizes:
             buf = await self._new(size)

@@ -1,0 +1,93 @@
+"""A buffer garbage-collected without its last put still gives its memory back.
+
+Regression tests of issue 12, item 6: garbage collection frees what an
+explicit put would have (detaches, unmaps, ends CPU access, releases), with a
+``ResourceWarning`` like an unclosed file.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import ClassVar
+
+import anyio.lowlevel
+import pytest
+
+import asyncdmabuf as dmabuf
+from asyncdmabuf import Attachment, Direction, DmaBuf, Exporter, SgEntry, SgTable
+
+pytestmark = pytest.mark.anyio
+
+
+class Counting(Exporter):
+    """Plain ops that never wait, counting what reaches them."""
+
+    name: ClassVar[str] = "counting"
+
+    def __init__(self) -> None:
+        self.ops: list[str] = []
+        self.in_use = 0
+
+    def make(self) -> DmaBuf:
+        self.in_use += 1
+        return dmabuf.export(self, 4096)
+
+    def map(self, attachment: Attachment, direction: Direction) -> SgTable:
+        return SgTable(
+            [SgEntry(0x1000, 4096, 0)], direction=direction, attachment=attachment
+        )
+
+    def unmap(self, attachment: Attachment, sgt: SgTable, direction: Direction) -> None:
+        self.ops.append("unmap")
+
+    def detach(self, buf: DmaBuf, attachment: Attachment) -> None:
+        self.ops.append("detach")
+
+    def release(self, buf: DmaBuf) -> None:
+        self.ops.append("release")
+        self.in_use -= 1
+
+
+class Waiting(Counting):
+    """A release that must wait cannot run at garbage collection."""
+
+    async def release(self, buf: DmaBuf) -> None:  # type: ignore[override]
+        await anyio.lowlevel.checkpoint()
+        self.in_use -= 1  # pragma: no cover (never reached at gc)
+
+
+def _warns() -> pytest.WarningsRecorder:
+    return pytest.warns(ResourceWarning, match="garbage-collected")
+
+
+async def test_gc_releases_a_plain_buffer() -> None:
+    exp = Counting()
+    buf = exp.make()
+    with _warns():
+        del buf
+        gc.collect()
+    assert exp.ops == ["release"]
+    assert exp.in_use == 0
+
+
+async def test_gc_unmaps_and_detaches_first() -> None:
+    exp = Counting()
+    buf = exp.make()
+    att = await buf.attach(dmabuf.Device("d"))
+    await att.map(Direction.TO_DEVICE)
+    with _warns():
+        del att, buf
+        gc.collect()
+    assert exp.ops == ["unmap", "detach", "release"]
+    assert exp.in_use == 0
+    assert dmabuf.bufinfo() == []
+
+
+async def test_gc_says_when_a_release_had_to_wait() -> None:
+    exp = Waiting()
+    buf = exp.make()
+    with _warns() as record:
+        del buf
+        gc.collect()
+    assert any("had to wait" in str(w.message) for w in record)
+    assert exp.in_use == 1  # documented: an async release cannot run without a loop
