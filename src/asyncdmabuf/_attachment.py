@@ -21,7 +21,7 @@ from ._errors import Busy, DmaBufError, InvalidArgument
 from ._operation import Operation
 from ._sgtable import SgEntry, SgTable, check_entries
 from ._types import Direction
-from ._undo import complete, run_undo, run_undo_sync
+from ._undo import run_undo, run_undo_sync
 from ._validate import check_direction
 
 if TYPE_CHECKING:
@@ -153,10 +153,14 @@ class Attachment:
     async def _map(self, direction: Direction) -> SgTable:
         buf = self._buffer
         lock = buf._lock
-        await lock.acquire()
+        await lock.checkpoint()
+        if not lock.acquire_nowait():
+            await lock.wait_turn()
         try:
             self._check_usable()
-            sgt = await complete(buf.exporter.map(self, direction))
+            result = buf.exporter.map(self, direction)
+            # A plain map (it never waits) returns the table itself.
+            sgt = result if isinstance(result, SgTable) else await result
             self._record(sgt, direction)
         finally:
             lock.release()
@@ -222,24 +226,28 @@ class Attachment:
             InvalidArgument: The table is not mapped (never was, or already
                 unmapped), or belongs to another attachment.
         """
-        await self._unmap(sgt)
-        await self._buffer._lock.checkpoint()
+        waited = await self._unmap(sgt)
+        await self._buffer._lock.finish(waited)
 
-    async def _unmap(self, sgt: SgTable) -> None:
-        """:meth:`unmap` without the final checkpoint (for ``__aexit__``)."""
+    async def _unmap(self, sgt: SgTable) -> bool:
+        """:meth:`unmap` without the final checkpoint (for ``__aexit__``).
+
+        Returns:
+            Whether it waited for the lock.
+        """
         if not isinstance(sgt, SgTable):
             raise TypeError(f"unmap() needs an SgTable, not {type(sgt).__name__}")
         self._check_mapped(sgt)
         buf = self._buffer
         lock = buf._lock
-        if not lock.acquire_nowait():
-            await lock.wait_turn(shielded=True)
+        waited = await lock.acquire_shielded()
         try:
             self._check_mapped(sgt)
             del self._mappings[sgt]
             await run_undo(buf.exporter.unmap(self, sgt, sgt.direction))
         finally:
             lock.release()
+        return waited
 
     async def _unmap_if_mapped(self, sgt: SgTable) -> None:
         if sgt in self._mappings:
@@ -262,18 +270,21 @@ class Attachment:
         Raises:
             InvalidArgument: Already detached.
         """
-        await self._detach()
-        await self._buffer._lock.checkpoint()
+        waited = await self._detach()
+        await self._buffer._lock.finish(waited)
 
-    async def _detach(self) -> None:
-        """:meth:`detach` without the final checkpoint (for ``__aexit__``)."""
+    async def _detach(self) -> bool:
+        """:meth:`detach` without the final checkpoint (for ``__aexit__``).
+
+        Returns:
+            Whether it waited for the lock.
+        """
         if not self._attached:
             raise InvalidArgument(f"{self!r} is already detached")
         buf = self._buffer
         lock = buf._lock
         errors: list[Exception] = []
-        if not lock.acquire_nowait():
-            await lock.wait_turn(shielded=True)
+        waited = await lock.acquire_shielded()
         try:
             if not self._attached:
                 raise InvalidArgument(f"{self!r} is already detached")
@@ -289,6 +300,7 @@ class Attachment:
             )
         if errors:
             raise errors[0]
+        return waited
 
     async def _detach_locked(self, errors: list[Exception]) -> None:
         """Unmap what is left, then detach; the lock is held.

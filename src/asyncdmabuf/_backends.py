@@ -8,7 +8,10 @@ answer to each question and no dependency on ``sniffio``.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import sys
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
@@ -22,6 +25,7 @@ __all__ = [
     "current_loop_label",
     "current_time",
     "native_checkpoint",
+    "native_checkpoint_if_cancelled",
     "native_clock",
     "native_current_task",
     "task_name",
@@ -93,18 +97,50 @@ def _no_task() -> object:
     return None
 
 
+#: One "current task" function per asyncio loop (see native_current_task).
+_task_getters: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, Callable[[], object]
+] = weakref.WeakKeyDictionary()
+
+
 def native_current_task() -> Callable[[], object]:
     """Return the running backend's cheap "current task" function.
 
-    Outside an event loop the function returned gives None.
+    On Python 3.11 :func:`asyncio.current_task` is a Python function that asks
+    for the running loop on every call (a ``getpid()`` each time); for the loop
+    running now the task table lookup is done directly instead. Outside an
+    event loop the function returned gives None.
     """
     backend = current_backend()
     if backend == "trio":
         current: Callable[[], object] = sys.modules["trio"].lowlevel.current_task
         return current
-    if backend == "asyncio":
+    if backend != "asyncio":
+        return _no_task
+    if inspect.isbuiltin(asyncio.current_task):  # 3.12+: already cheap
         return asyncio.current_task
-    return _no_task
+    loop = asyncio.get_running_loop()
+    getter = _task_getters.get(loop)
+    if getter is None:
+        table = getattr(asyncio.tasks, "_current_tasks", None)
+        if not isinstance(table, dict):  # pragma: no cover (another Python)
+            return asyncio.current_task
+        getter = _task_getters[loop] = functools.partial(table.get, loop)
+    return getter
+
+
+def native_checkpoint_if_cancelled() -> Callable[[], Awaitable[None]]:
+    """Return the running backend's "raise if cancelled" (no scheduling).
+
+    For operations that already let other tasks run (they waited) but must
+    still deliver a pending cancellation.
+    """
+    if current_backend() == "trio":
+        check: Callable[[], Awaitable[None]] = sys.modules[
+            "trio"
+        ].lowlevel.checkpoint_if_cancelled
+        return check
+    return anyio.lowlevel.checkpoint_if_cancelled
 
 
 def task_name(task: object) -> str:

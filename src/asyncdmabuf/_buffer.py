@@ -316,8 +316,7 @@ class DmaBuf:
         _live.discard(self)
         leftovers = [att.device.name for att in self._attachments]
         errors: list[Exception] = []
-        if not lock.acquire_nowait():
-            await lock.wait_turn(shielded=True)
+        waited = await lock.acquire_shielded()
         try:
             await _cpu_access.end_all(self, errors)
             for att in list(self._attachments):
@@ -338,7 +337,7 @@ class DmaBuf:
             )
         if errors:
             raise errors[0]
-        await lock.checkpoint()
+        await lock.finish(waited)
 
     async def aclose(self) -> None:
         """Same as :meth:`put`."""
@@ -474,8 +473,8 @@ class DmaBuf:
             BufferError: Every open access in ``mode`` still has its view
                 exported (by a live numpy array): it stays open.
         """
-        await _cpu_access.end(self, mode)
-        await self._lock.checkpoint()
+        waited = await _cpu_access.end(self, mode)
+        await self._lock.finish(waited)
 
 
 def export(

@@ -137,19 +137,23 @@ async def begin(buf: DmaBuf, mode: CpuMode) -> None:
         lock.release()
 
 
-async def end(buf: DmaBuf, mode: CpuMode) -> None:
-    """End CPU access without a final checkpoint (:meth:`DmaBuf.end_cpu_access`)."""
+async def end(buf: DmaBuf, mode: CpuMode) -> bool:
+    """End CPU access without a final checkpoint (:meth:`DmaBuf.end_cpu_access`).
+
+    Returns:
+        Whether it waited for the lock.
+    """
     check_cpu_mode(mode)
     buf._cpu.check_end(mode)
     lock = buf._lock
-    if not lock.acquire_nowait():
-        await lock.wait_turn(shielded=True)
+    waited = await lock.acquire_shielded()
     try:
         buf._cpu.check_end(mode)
         buf._cpu.closing(mode)
         await run_undo(buf.exporter.end_cpu_access(buf, mode))
     finally:
         lock.release()
+    return waited
 
 
 async def end_all(buf: DmaBuf, errors: list[Exception]) -> None:

@@ -14,7 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import final
 
-from ._backends import UNKNOWN_TASK, native_checkpoint, native_current_task, task_name
+from ._backends import (
+    UNKNOWN_TASK,
+    native_checkpoint,
+    native_checkpoint_if_cancelled,
+    native_current_task,
+    task_name,
+)
 from ._waitqueue import WaitQueue
 
 __all__ = ["FifoLock", "LockStatistics"]
@@ -52,13 +58,21 @@ class FifoLock:
     watchdogs and :meth:`statistics`.
     """
 
-    __slots__ = ("_current_task", "_owner", "_queue", "checkpoint")
+    __slots__ = (
+        "_current_task",
+        "_owner",
+        "_queue",
+        "checkpoint",
+        "checkpoint_if_cancelled",
+    )
 
     def __init__(self) -> None:
         self._owner: object | None = None
         self._queue: WaitQueue | None = None  # made on first contention
         #: The backend's checkpoint, looked up once.
         self.checkpoint = native_checkpoint()
+        #: The backend's "raise a pending cancellation" (no scheduling).
+        self.checkpoint_if_cancelled = native_checkpoint_if_cancelled()
         self._current_task = native_current_task()
 
     def locked(self) -> bool:
@@ -115,6 +129,30 @@ class FifoLock:
         if queue is None:
             queue = self._queue = WaitQueue(on_abandon=_pass_on)
         await queue.park(shielded=shielded)
+
+    async def acquire_shielded(self) -> bool:
+        """Take the lock whatever cancellation comes (for undo operations).
+
+        Not a checkpoint when the lock is free; otherwise it queues, shielded.
+
+        Returns:
+            Whether it had to wait (so other tasks ran meanwhile).
+        """
+        if self.acquire_nowait():
+            return False
+        await self.wait_turn(shielded=True)
+        return True
+
+    async def finish(self, waited: bool) -> None:
+        """End an undo operation with its checkpoint.
+
+        An operation that waited has let other tasks run already: it only
+        raises a pending cancellation. One that did not also yields.
+        """
+        if waited:
+            await self.checkpoint_if_cancelled()
+        else:
+            await self.checkpoint()
 
     def release(self) -> None:
         """Release the lock, handing it to the longest waiter if there is one."""

@@ -14,21 +14,20 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable
-from typing import TypeVar
 
 import anyio
 
 __all__ = ["complete", "run_undo", "run_undo_sync"]
 
-T = TypeVar("T")
 
+async def complete(result: Awaitable[None] | None) -> None:
+    """Complete what an op that returns nothing gave: await it if it is awaitable.
 
-async def complete(result: Awaitable[T] | T) -> T:
-    """Return what an op gave: awaited if it is awaitable, as is if it is not."""
-    if inspect.isawaitable(result):
-        value: T = await result
-        return value
-    return result
+    Not a checkpoint when the op was a plain function. Not shielded: for ops
+    that may be cancelled (``attach``, ``begin_cpu_access``).
+    """
+    if result is not None:
+        await result
 
 
 async def run_undo(result: Awaitable[None] | None) -> None:
