@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 __all__ = ["Attachment", "MoveNotify"]
 
 T = TypeVar("T")
+#: Shared by every attachment that has never mapped; never written.
+_NO_MAPPINGS: dict[SgTable, None] = {}
 MoveNotify = Callable[["Attachment"], object]
 
 
@@ -61,7 +63,7 @@ class Attachment:
         #: The exporter's state for this attachment (the kernel's ``attach->priv``).
         self.priv: Any = None
         # Insertion-ordered; a dict so that lookup and removal are O(1).
-        self._mappings: dict[SgTable, None] = {}
+        self._mappings: dict[SgTable, None] = _NO_MAPPINGS  # own dict at first map
         self._attached = False
         # The last entries tuple checked for this attachment's device.
         self._checked: tuple[SgEntry, ...] | None = None
@@ -210,6 +212,8 @@ class Attachment:
         if entries is not self._checked:
             check_entries(entries, self._buffer.size, self._device)
             self._checked = entries
+        if self._mappings is _NO_MAPPINGS:
+            self._mappings = {}
         self._mappings[sgt] = None
 
     async def unmap(self, sgt: SgTable) -> None:

@@ -44,17 +44,21 @@ class _State(enum.Enum):
     RELEASED = "released"
 
 
-#: Every buffer not yet released, for bufinfo(): the kernel's db_list.
-_live: weakref.WeakSet[DmaBuf] = weakref.WeakSet()
 #: Buffers by the identity of their file, for get(fd).
 _by_file: weakref.WeakValueDictionary[tuple[int, int], DmaBuf] = (
     weakref.WeakValueDictionary()
 )
+#: Buffers made without a file (until they need one). With ``_by_file``, every
+#: buffer not yet released, for bufinfo(): the kernel's db_list. One registry
+#: entry per buffer, not two: the registries are most of a buffer's cost.
+_fileless: weakref.WeakSet[DmaBuf] = weakref.WeakSet()
 
 
 def live_buffers() -> list[DmaBuf]:
     """Return every buffer of this process that has not been released."""
-    return [buf for buf in list(_live) if not buf.released]
+    seen = {id(buf): buf for buf in list(_by_file.values())}
+    seen.update((id(buf), buf) for buf in list(_fileless))
+    return [buf for buf in seen.values() if not buf.released]
 
 
 def lock_holder(buf: DmaBuf) -> tuple[str | None, int]:
@@ -104,7 +108,7 @@ class DmaBuf:
         self._refcount = 1
         self._state = _State.LIVE
         self._lock = FifoLock()
-        self._attachments: list[Attachment] = []
+        self._attachments: list[Attachment] | None = None  # made on first attach
         self._cpu = _cpu_access.CpuState()
         self._file: int | None = None
         self._exported_fd = False
@@ -141,7 +145,7 @@ class DmaBuf:
     @property
     def attachments(self) -> tuple[Attachment, ...]:
         """The live attachments, oldest first: who is using this buffer."""
-        return tuple(self._attachments)
+        return tuple(self._attachments) if self._attachments else ()
 
     @property
     def inode(self) -> int:
@@ -313,13 +317,13 @@ class DmaBuf:
             await lock.checkpoint()
             return
         self._state = _State.RELEASING
-        _live.discard(self)
-        leftovers = [att.device.name for att in self._attachments]
+        _fileless.discard(self)
+        leftovers = [att.device.name for att in self.attachments]
         errors: list[Exception] = []
         waited = await lock.acquire_shielded()
         try:
             await _cpu_access.end_all(self, errors)
-            for att in list(self._attachments):
+            for att in self.attachments:
                 await att._detach_locked(errors)
             try:
                 await run_undo(self._exporter.release(self))
@@ -365,7 +369,7 @@ class DmaBuf:
         done = True
         try:
             done &= _cpu_access.end_all_sync(self, errors)
-            for att in list(self._attachments):
+            for att in self.attachments:
                 done &= att._detach_sync(errors)
             try:
                 done &= run_undo_sync(self._exporter.release(self))
@@ -422,13 +426,16 @@ class DmaBuf:
             att = Attachment(self, device, move_notify)
             await complete_op(self._exporter.attach(self, att))
             att._mark_attached()
+            if self._attachments is None:
+                self._attachments = []
             self._attachments.append(att)
         finally:
             lock.release()
         return att
 
     def _forget_attachment(self, att: Attachment) -> None:
-        self._attachments.remove(att)
+        if self._attachments is not None:
+            self._attachments.remove(att)
 
     # -- CPU access ---------------------------------------------------------------
 
@@ -513,7 +520,8 @@ def export(
         except BaseException:
             buf._state = _State.RELEASED  # never handed out: no warning
             raise
-    _live.add(buf)
+    if fd is None:
+        _fileless.add(buf)
     return buf
 
 

@@ -57,18 +57,25 @@ class CpuState:
     __slots__ = ("_counts", "_held")
 
     def __init__(self) -> None:
-        self._counts: dict[str, int] = {}
-        self._held: list[_Held] = []
+        # Made on first use: most buffers never see CPU access.
+        self._counts: dict[str, int] | None = None
+        self._held: list[_Held] | None = None
 
     def __bool__(self) -> bool:
         return bool(self._counts)
 
     def modes(self) -> tuple[str, ...]:
         """The modes open, each as often as it is open."""
-        return tuple(mode for mode, n in self._counts.items() for _ in range(n))
+        counts = self._counts
+        if not counts:
+            return ()
+        return tuple(mode for mode, n in counts.items() for _ in range(n))
 
     def opened(self, mode: CpuMode) -> None:
-        self._counts[mode] = self._counts.get(mode, 0) + 1
+        counts = self._counts
+        if counts is None:
+            counts = self._counts = {}
+        counts[mode] = counts.get(mode, 0) + 1
 
     def closing(self, mode: CpuMode) -> None:
         """Count one access of ``mode`` as ended.
@@ -76,15 +83,18 @@ class CpuState:
         Raises:
             InvalidArgument: None is open in that mode.
         """
-        count = self._counts.get(mode, 0)
-        if not count:
+        counts = self._counts
+        count = counts.get(mode, 0) if counts else 0
+        if not counts or not count:
             raise InvalidArgument(f"end_cpu_access({mode!r}) without begin_cpu_access")
         if count == 1:
-            del self._counts[mode]
+            del counts[mode]
         else:
-            self._counts[mode] = count - 1
+            counts[mode] = count - 1
 
     def hold(self, held: _Held) -> None:
+        if self._held is None:
+            self._held = []
         self._held.append(held)
 
     def check_end(self, mode: CpuMode) -> None:
@@ -97,12 +107,14 @@ class CpuState:
             InvalidArgument: No access of ``mode`` is open.
             BufferError: Each one's view is still exported.
         """
-        if not self._counts.get(mode):
+        counts = self._counts
+        if not counts or not counts.get(mode):
             raise InvalidArgument(f"end_cpu_access({mode!r}) without begin_cpu_access")
+        if not self._held:
+            return
         still = [h for h in self._held if not h.try_release()]
         self._held = still
-        held = sum(h.mode == mode for h in still)
-        if held >= self._counts[mode]:
+        if sum(h.mode == mode for h in still) >= counts[mode]:
             raise BufferError(
                 f"the view of a {mode!r} CPU access is still exported "
                 "(a numpy array of it is alive): the access stays open"
@@ -111,8 +123,7 @@ class CpuState:
     def drain(self) -> list[str]:
         """Forget every open access (the last put); return the modes they had."""
         modes = list(self.modes())
-        self._counts.clear()
-        self._held.clear()
+        self._counts = self._held = None
         return modes
 
 
