@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, ClassVar
 import anyio.lowlevel
 
 from asyncdmabuf import DmaBuf, InvalidArgument, NoDevice
-from asyncdmabuf.lowlevel import check_int, check_name, from_oserror
+from asyncdmabuf.lowlevel import check_int, check_name, export_mapped, from_oserror
 
-from ._memfd import MemfdExporter, export_mapped
+from ._memfd import MemfdExporter
 
 if TYPE_CHECKING:
     from asyncdmabuf import CpuMode

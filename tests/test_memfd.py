@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import asyncdmabuf as dmabuf
 from asyncdmabuf import Direction
 from asyncdmabuf.exporters import MemfdExporter
-from asyncdmabuf.exporters._memfd import MAX_ENTRIES
+from asyncdmabuf.lowlevel import MAX_TABLE_ENTRIES as MAX_ENTRIES
 
 pytestmark = pytest.mark.anyio
 
