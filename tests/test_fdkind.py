@@ -167,6 +167,11 @@ def test_a_closed_fd_is_a_bad_file_descriptor() -> None:
 def test_classify_refuses_what_is_not_an_fd() -> None:
     with pytest.raises(TypeError):
         classify("3")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        classify(True)
+    for number in (-1, 2**40):
+        with pytest.raises(dmabuf.BadFileDescriptor):
+            classify(number)
 
 
 def test_magics_and_seals_come_from_the_kernel() -> None:

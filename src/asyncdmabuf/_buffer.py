@@ -908,7 +908,6 @@ def get(fd: int) -> DmaBuf:
         InvalidArgument: ``fd`` is open but not shareable memory (a pipe, a
             socket, a directory, an empty memfd), or its buffer is being released.
     """
-    fd = check_fd(fd)
     return get_classified(fd, classify(fd))
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from ._errors import BadFileDescriptor, from_oserror
+from ._validate import check_fd
 
 __all__ = [
     "ANON_INODE_FS_MAGIC",
@@ -153,9 +154,11 @@ def classify(fd: int) -> FdInfo:
     """Return what the file behind ``fd`` is (two to five syscalls, no waiting).
 
     Raises:
+        TypeError: ``fd`` is not an int.
         BadFileDescriptor: ``fd`` is not open.
         DmaBufError: The kernel refused to say (another errno).
     """
+    fd = check_fd(fd)
     try:
         st = os.fstat(fd)
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)

@@ -15,7 +15,6 @@ from ._errors import InvalidArgument, from_oserror
 from ._fd import dup_cloexec, seal_against_resizing
 from ._fdkind import FdInfo, FdKind, classify
 from ._mapped import MappedExporter, export_mapped
-from ._validate import check_fd
 
 if TYPE_CHECKING:
     from . import DmaBuf
@@ -49,7 +48,7 @@ def import_fd(fd: int, info: FdInfo | None = None) -> DmaBuf:
         DmaBufError: It cannot be mapped (``OutOfMemory`` for ENOMEM).
     """
     if info is None:
-        info = classify(check_fd(fd))
+        info = classify(fd)
     size = info.size
     if info.kind is FdKind.MEMFD:
         if not info.size_fixed:

@@ -425,7 +425,9 @@ def _import(fd: int, size: int, writable: bool) -> tuple[DmaBuf, bool]:
     """
     info = classify(fd)
     if not info.memory:
-        raise InvalidArgument(f"the fd received is not shareable memory ({info.kind})")
+        raise InvalidArgument(
+            f"the fd received is not shareable memory ({info.kind.value})"
+        )
     if size > info.size:
         raise InvalidArgument(
             f"the peer claims {size} bytes, the file it sent holds {info.size}"
