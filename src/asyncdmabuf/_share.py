@@ -261,9 +261,9 @@ async def receive_buffer_with_info(
         raise InvalidArgument(
             f"the peer (pid {peer.pid}) runs as uid {peer.uid}, not {os.geteuid()}"
         )
-    if stream in _receiving:
+    if peer.receiving:
         raise anyio.BusyResourceError("receiving from")
-    _receiving.add(stream)
+    peer.receiving = True
     fds: list[int] = []
     try:
         header = await _receive_exactly(peer.sock, _HEADER.size, fds, first=True)
@@ -282,7 +282,7 @@ async def receive_buffer_with_info(
             raise InvalidArgument(f"a share carries one fd, this one {len(fds)}")
         buf, writable = _import(fds[0], size, bool(flags & FLAG_WRITABLE))
     finally:
-        _receiving.discard(stream)
+        peer.receiving = False
         for fd in fds:
             os.close(fd)
     if buf.size != size:
@@ -297,12 +297,14 @@ async def receive_buffer_with_info(
     return buf, info
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Peer:
     sock: socket.socket
     pid: int
     uid: int
     gid: int
+    receiving: bool = False
+    """A receive is reading from the stream: a second one would interleave."""
 
 
 #: A stream's socket and its peer's credentials, which never change once
@@ -322,10 +324,6 @@ def _peer_of(stream: anyio.abc.UNIXSocketStream) -> _Peer:
             raise from_oserror(exc, "SO_PEERCRED") from None
         peer = _peers[stream] = _Peer(sock, *_PEERCRED.unpack(raw))
     return peer
-
-
-#: Streams a receive is reading from: a second one at once would interleave.
-_receiving: weakref.WeakSet[anyio.abc.UNIXSocketStream] = weakref.WeakSet()
 
 
 async def _receive_some(sock: socket.socket, count: int, fds: list[int]) -> bytes:
