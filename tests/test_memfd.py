@@ -232,3 +232,11 @@ async def test_memfd_is_labelled_with_its_exporter() -> None:
             )
         finally:
             os.close(fd)
+
+
+async def test_a_devices_layout_is_worked_out_once_per_buffer() -> None:
+    dev = dmabuf.Device("cached", max_segment_size=4096)
+    buf = await MemfdExporter().allocate(1 << 16)
+    async with buf, buf.attach(dev) as first, buf.attach(dev) as second:
+        assert first.priv is second.priv
+        assert len(first.priv) == 16

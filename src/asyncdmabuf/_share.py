@@ -8,10 +8,13 @@ versioned record, all sent by a single ``sendmsg``::
             3 x "<H"-length-prefixed UTF-8 strings: name, exporter name, format
 
 The receiver trusts nothing in it: it reads exactly the header and the body the
-header announces, collects every fd that arrives on the way, checks the record,
-the fd (open, shareable memory, sealed against resizing, at least as large as the
-record claims) and the peer's credentials, and closes every fd it was given.
-The bytes themselves are never copied: both processes map the same pages.
+header announces with its own ``recvmsg`` (``MSG_CMSG_CLOEXEC``), collects every
+fd of every control message on the way (credentials a ``SO_PASSCRED`` socket
+adds are ignored; control data cut short is refused), checks the record, the fd
+(classified once by :func:`classify`: shareable memory, sealed against resizing,
+at least as large as the record claims) and the peer's credentials, and closes
+every fd it was given. The bytes themselves are never copied: both processes map
+the same pages.
 
 A read-only share sends a new open file description of the buffer's file made
 with ``O_RDONLY`` (a reopen of ``/proc/self/fd/N``): the peer cannot ``write()``
@@ -239,6 +242,7 @@ async def receive_buffer(
             is out of step and should be closed.
         anyio.EndOfStream: The peer closed the stream before a message began.
         anyio.BrokenResourceError: The connection broke.
+        anyio.BusyResourceError: Another task is receiving from ``stream``.
     """
     buf, _ = await receive_buffer_with_info(stream, require_same_uid=require_same_uid)
     return buf
