@@ -13,14 +13,15 @@ import fcntl
 import mmap
 import os
 import struct
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, ClassVar
 
 import anyio.lowlevel
 
 from asyncdmabuf import DmaBuf, InvalidArgument, NoDevice
-from asyncdmabuf.lowlevel import check_int, check_name, from_oserror
+from asyncdmabuf.lowlevel import check_int, check_name, export_mapped, from_oserror
 
-from ._memfd import MemfdExporter, export_mapped
+from ._memfd import MemfdExporter
 
 if TYPE_CHECKING:
     from asyncdmabuf import CpuMode
@@ -123,23 +124,25 @@ class DmaHeapExporter(MemfdExporter):
         _, fd, _, _ = _ALLOC.unpack(request)
         return int(fd)
 
-    async def begin_cpu_access(self, buf: DmaBuf, mode: CpuMode) -> None:
+    def begin_cpu_access(self, buf: DmaBuf, mode: CpuMode) -> Awaitable[None] | None:
         """Refuse writes to a read-only buffer, then ``DMA_BUF_SYNC_START``.
 
         Raises:
             InvalidArgument: ``mode`` writes and the mapping is read-only.
             DmaBufError: The kernel refused the sync.
         """
-        await super().begin_cpu_access(buf, mode)
+        super().begin_cpu_access(buf, mode)
         _sync(buf, DMA_BUF_SYNC_START | _SYNC_FLAGS[mode])
+        return None
 
-    async def end_cpu_access(self, buf: DmaBuf, mode: CpuMode) -> None:
+    def end_cpu_access(self, buf: DmaBuf, mode: CpuMode) -> Awaitable[None] | None:
         """``DMA_BUF_SYNC_END``: hand the bytes back to the devices.
 
         Raises:
             DmaBufError: The kernel refused the sync.
         """
         _sync(buf, DMA_BUF_SYNC_END | _SYNC_FLAGS[mode])
+        return None
 
 
 def _sync(buf: DmaBuf, flags: int) -> None:

@@ -15,6 +15,7 @@ import json
 import mmap
 import os
 import socket
+import struct
 import sys
 import zlib
 from typing import Any
@@ -175,6 +176,63 @@ def _become(uid: int) -> None:
         raise OSError(ctypes.get_errno(), "prctl")
 
 
+def forge_ramfs(sock_fd: int, size: int) -> None:
+    """The ramfs forgery: a file that reads as ``/dmabuf:x``, sent as a share.
+
+    As uid 65534, in a user and mount namespace of its own, mount a ramfs,
+    create ``dmabuf:x`` on it, detach the mount (so ``/proc/<pid>/fd`` reads
+    ``/dmabuf:x``, like a kernel dma-buf's name) and send the fd with a share
+    record of ``size`` bytes. Then, on the line ``truncate``, truncate it to 0
+    (under the receiver's mapping, were there one) and answer ``truncated``.
+    Where this machine cannot do it, say ``skip: why`` instead.
+    """
+    sock = socket.socket(fileno=sock_fd)
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def check(result: int, what: str) -> None:
+        if result != 0:
+            raise OSError(
+                ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}"
+            )
+
+    try:
+        if os.geteuid() == 0:
+            os.setgroups([])
+            os.setgid(65534)
+            _become(65534)
+        uid, gid = os.geteuid(), os.getegid()
+        check(
+            libc.unshare(0x10000000 | 0x00020000), "unshare(CLONE_NEWUSER|CLONE_NEWNS)"
+        )
+        for name, line in (
+            ("setgroups", "deny"),
+            ("uid_map", f"0 {uid} 1\n"),
+            ("gid_map", f"0 {gid} 1\n"),
+        ):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(line)
+        target = next(d for d in ("/mnt", "/tmp", "/srv", "/") if os.path.isdir(d))
+        check(libc.mount(b"none", target.encode(), b"ramfs", 0, None), "mount ramfs")
+        fd = os.open(os.path.join(target, "dmabuf:x"), os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(fd, size)
+        check(libc.umount2(target.encode(), 2), "umount2(MNT_DETACH)")  # MNT_DETACH
+    except OSError as exc:
+        sock.sendall(f"skip: {exc}\n".encode())
+        return
+    sock.sendall(b"ready " + os.readlink(f"/proc/self/fd/{fd}").encode() + b"\n")
+    body = struct.pack("<Q", size) + struct.pack("<H", 0) * 3
+    record = struct.pack("<4sBBHI", b"ADMB", 1, 1, 0, len(body)) + body
+    socket.send_fds(sock, [record], [fd])
+    command = b""
+    while not command.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            return
+        command += chunk
+    os.ftruncate(fd, 0)
+    sock.sendall(b"truncated\n")
+
+
 async def main(argv: list[str]) -> None:
     command, arg = argv[0], argv[1]
     if command == "inherited":
@@ -199,6 +257,9 @@ async def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "forge-ramfs":
+        forge_ramfs(int(sys.argv[2]), int(sys.argv[3]))
+        sys.exit(0)
     backend = os.environ.get("PEER_BACKEND", "asyncio")
     try:
         anyio.run(main, sys.argv[1:], backend=backend)

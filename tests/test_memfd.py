@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import asyncdmabuf as dmabuf
 from asyncdmabuf import Direction
 from asyncdmabuf.exporters import MemfdExporter
-from asyncdmabuf.exporters._memfd import MAX_ENTRIES
+from asyncdmabuf.lowlevel import MAX_TABLE_ENTRIES as MAX_ENTRIES
 
 pytestmark = pytest.mark.anyio
 
@@ -189,3 +189,43 @@ async def test_memfd_is_registered_as_an_entry_point() -> None:
     assert load("memfd") is MemfdExporter
     with pytest.raises(dmabuf.InvalidArgument):
         load("no-such-exporter")
+
+
+def test_memfd_and_dmaheap_exporters_use_only_the_public_api() -> None:
+    """They are built as a third party's would be: asyncdmabuf and its lowlevel."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent / "exporters"
+    for name in ("_memfd.py", "_dmaheap.py"):
+        tree = ast.parse((root / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                module = node.module or ""
+                if module.startswith("asyncdmabuf"):
+                    assert module in ("asyncdmabuf", "asyncdmabuf.lowlevel"), (
+                        name,
+                        module,
+                    )
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert not alias.name.startswith("asyncdmabuf._"), (name, alias)
+
+
+async def test_memfd_is_labelled_with_its_exporter() -> None:
+    async with await MemfdExporter().allocate(4096, name="frame") as buf:
+        fd = buf.fd()
+        try:
+            assert os.readlink(f"/proc/self/fd/{fd}").startswith(
+                "/memfd:asyncdmabuf:memfd:frame"
+            )
+        finally:
+            os.close(fd)
+
+
+async def test_a_devices_layout_is_worked_out_once_per_buffer() -> None:
+    dev = dmabuf.Device("cached", max_segment_size=4096)
+    buf = await MemfdExporter().allocate(1 << 16)
+    async with buf, buf.attach(dev) as first, buf.attach(dev) as second:
+        assert first.priv is second.priv
+        assert len(first.priv) == 16

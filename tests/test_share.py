@@ -38,7 +38,7 @@ from asyncdmabuf.exporters import (
 )
 
 from .exporters_for_tests import RecordingExporter
-from .helpers import stream_pair
+from .helpers import stream_pair, wait_all_blocked
 from .share_peer import pattern
 
 pytestmark = pytest.mark.anyio
@@ -761,3 +761,19 @@ def test_frame_pipeline_example_runs(backend: str) -> None:
 def test_share_module_limits() -> None:
     assert _share.MAX_BODY < 4096
     assert record()[:4] == _share.MAGIC
+
+
+async def test_a_second_receive_at_once_on_one_stream_is_busy() -> None:
+    async with raw_pair() as (raw, stream):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(dmabuf.receive_buffer, stream)
+            await wait_all_blocked()
+            with pytest.raises(anyio.BusyResourceError):
+                await dmabuf.receive_buffer(stream)
+            tg.cancel_scope.cancel()
+        # The cancelled receive let go of the stream: the next one works.
+        fd = sealed_memfd()
+        socket.send_fds(raw, [record()], [fd])
+        os.close(fd)
+        async with await dmabuf.receive_buffer(stream) as buf:
+            assert buf.size == 4096

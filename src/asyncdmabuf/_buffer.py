@@ -27,6 +27,7 @@ from ._attachment import Attachment, MoveNotify, detach_if_attached
 from ._device import Device
 from ._errors import InvalidArgument
 from ._exporter import Exporter
+from ._fdkind import FdInfo, classify
 from ._lock import FifoLock
 from ._operation import Operation
 from ._resv import Reservation
@@ -540,13 +541,14 @@ def get(fd: int) -> DmaBuf:
         InvalidArgument: ``fd`` is open but not shareable memory (a pipe, a
             socket, a directory, an empty memfd), or its buffer is being released.
     """
-    fd = check_fd(fd)
-    dev, ino, mode = _fd.file_identity(fd)
-    buf = _by_file.get((dev, ino))
+    return get_classified(fd, classify(fd))
+
+
+def get_classified(fd: int, info: FdInfo) -> DmaBuf:
+    """:func:`get` of an fd already classified (``info`` is ``classify(fd)``)."""
+    buf = _by_file.get(info.key)
     if buf is not None and buf._state is not _State.RELEASED:
         return buf._get()
-    if not _fd.is_shareable_memory(fd, mode):
-        raise InvalidArgument(f"fd {fd} is not a shareable buffer")
-    from .exporters import import_fd  # the built-in importer
+    from ._import import import_fd  # the built-in importer (it imports this module)
 
-    return import_fd(fd)
+    return import_fd(fd, info)

@@ -1,15 +1,23 @@
-"""File descriptors: the buffer's identity, and telling shareable memory apart."""
+"""File descriptors: a buffer's file, its identity, and memfds and their seals.
+
+What an fd *is* is decided in :mod:`._fdkind`."""
 
 from __future__ import annotations
 
 import errno
 import fcntl
 import os
-import stat
 
-from ._errors import BadFileDescriptor, OutOfMemory, from_oserror
+from ._errors import BadFileDescriptor, InvalidArgument, OutOfMemory, from_oserror
+from ._fdkind import RESIZE_SEALS
 
-__all__ = ["dup_cloexec", "file_identity", "is_shareable_memory", "sealed_memfd"]
+__all__ = [
+    "MEMFD_SEALS",
+    "dup_cloexec",
+    "file_identity",
+    "seal_against_resizing",
+    "sealed_memfd",
+]
 
 #: Seals every memfd gets before it can leave the process: nobody can shrink it
 #: under a mapping (SIGBUS), grow it, or take the seals off.
@@ -31,21 +39,27 @@ def file_identity(fd: int) -> tuple[int, int, int]:
     return st.st_dev, st.st_ino, st.st_mode
 
 
-def is_shareable_memory(fd: int, mode: int) -> bool:
-    """Return whether ``fd`` is memory another process can map: a memfd or a dma-buf."""
-    if not stat.S_ISREG(mode):
-        return False
+def seal_against_resizing(fd: int, seals: int) -> int:
+    """Add ``F_SEAL_SHRINK|F_SEAL_GROW`` to the memfd ``fd``; return its seals.
+
+    ``seals`` are the seals it had when looked at; nothing is asked of the
+    kernel when they already fix its size.
+
+    Raises:
+        InvalidArgument: The file cannot be sealed (``F_SEAL_SEAL`` is set, or
+            it is not a memfd), so its size could change under a mapping.
+    """
+    if seals & RESIZE_SEALS == RESIZE_SEALS:
+        return seals
     try:
-        fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-    except OSError:
-        pass
-    else:
-        return True  # memfd (or other shmem that supports sealing)
-    try:
-        target = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return False
-    return target.startswith(("/dmabuf:", "anon_inode:dmabuf"))
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, RESIZE_SEALS)
+    except OSError as exc:
+        if exc.errno == errno.EBADF:
+            raise BadFileDescriptor(f"fd {fd} is not open") from None
+        raise InvalidArgument(
+            f"fd {fd} cannot be sealed against resizing, so mapping it is unsafe"
+        ) from None
+    return seals | RESIZE_SEALS
 
 
 def dup_cloexec(fd: int) -> int:
@@ -56,8 +70,12 @@ def dup_cloexec(fd: int) -> int:
         raise from_oserror(exc, f"dup of fd {fd}") from None
 
 
-def sealed_memfd(name: str, size: int) -> int:
+def sealed_memfd(name: str, size: int, *, exporter: str = "") -> int:
     """Create a memfd of ``size`` zero bytes, sealed against resizing.
+
+    Its name (in ``/proc/<pid>/fd`` and ``/proc/<pid>/maps``) is
+    ``asyncdmabuf:<exporter>:<name>``, or ``asyncdmabuf:<name>`` without an
+    exporter name.
 
     Returns:
         The fd, ``O_CLOEXEC``; the caller owns it.
@@ -66,7 +84,8 @@ def sealed_memfd(name: str, size: int) -> int:
         OutOfMemory: The kernel could not allocate it.
         DmaBufError: Another syscall failure, with its errno.
     """
-    label = ("asyncdmabuf:" + name).encode()[:240].decode(errors="ignore")
+    prefix = f"asyncdmabuf:{exporter}:" if exporter else "asyncdmabuf:"
+    label = (prefix + name).encode()[:240].decode(errors="ignore")
     try:
         fd = os.memfd_create(label, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     except OSError as exc:

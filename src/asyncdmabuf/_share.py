@@ -8,10 +8,13 @@ versioned record, all sent by a single ``sendmsg``::
             3 x "<H"-length-prefixed UTF-8 strings: name, exporter name, format
 
 The receiver trusts nothing in it: it reads exactly the header and the body the
-header announces, collects every fd that arrives on the way, checks the record,
-the fd (open, shareable memory, sealed against resizing, at least as large as the
-record claims) and the peer's credentials, and closes every fd it was given.
-The bytes themselves are never copied: both processes map the same pages.
+header announces with its own ``recvmsg`` (``MSG_CMSG_CLOEXEC``), collects every
+fd of every control message on the way (credentials a ``SO_PASSCRED`` socket
+adds are ignored; control data cut short is refused), checks the record, the fd
+(classified once by :func:`classify`: shareable memory, sealed against resizing,
+at least as large as the record claims) and the peer's credentials, and closes
+every fd it was given. The bytes themselves are never copied: both processes map
+the same pages.
 
 A read-only share sends a new open file description of the buffer's file made
 with ``O_RDONLY`` (a reopen of ``/proc/self/fd/N``): the peer cannot ``write()``
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import fcntl
 import os
 import socket
 import stat
@@ -41,8 +43,10 @@ import anyio.abc
 import anyio.lowlevel
 
 from . import _fd
-from ._buffer import DmaBuf, get
+from ._buffer import DmaBuf, get_classified
 from ._errors import InvalidArgument, from_oserror
+from ._fd import seal_against_resizing
+from ._fdkind import FdInfo, FdKind, classify
 from ._validate import check_bool, check_name
 
 __all__ = ["ShareInfo", "receive_buffer", "receive_buffer_with_info", "send_buffer"]
@@ -67,9 +71,10 @@ MAX_BODY = _SIZE.size + 3 * _STRLEN.size + 32 + MAX_EXPORTER + MAX_FORMAT
 #: (the kernel closes any beyond this many when it truncates the control data).
 _MAX_FDS = 16
 
-_SEALS_NEEDED = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _FD_SIZE = array.array("i").itemsize
+#: Room for the fds of one read and the credentials a SO_PASSCRED socket adds.
+_ANCILLARY = socket.CMSG_SPACE(_MAX_FDS * _FD_SIZE) + socket.CMSG_SPACE(_PEERCRED.size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,42 +141,31 @@ async def send_buffer(
         raise InvalidArgument(f"{buf!r} has no shareable memory")
     fd = buf.fd()  # raises InvalidArgument once released
     try:
-        _check_sendable(fd, buf)
-        if writable and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
+        info = classify(fd)
+        _check_sendable(fd, info, buf)
+        if writable and not info.writable:
             raise InvalidArgument(f"{buf!r} is read-only here: share it writable=False")
         if not writable:
-            fd = _reopen_read_only(fd)
+            fd = _reopen_read_only(fd, info)
         record = _pack(buf, writable, format_bytes)
         await stream.send_fds(record, [fd])
     finally:
         os.close(fd)
 
 
-def _check_sendable(fd: int, buf: DmaBuf) -> None:
-    st = os.fstat(fd)
-    if not _fd.is_shareable_memory(fd, st.st_mode) or st.st_size < buf.size:
+def _check_sendable(fd: int, info: FdInfo, buf: DmaBuf) -> None:
+    if not info.memory or info.size < buf.size:
         raise InvalidArgument(
             f"{buf!r} has no shareable memory: its exporter "
             f"{buf.exporter.name!r} does not keep its bytes in its file"
         )
-    try:
-        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-    except OSError:
-        return  # a kernel dma-buf: its size never changes
-    if seals & _SEALS_NEEDED == _SEALS_NEEDED:
-        return
-    try:
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _fd.MEMFD_SEALS & ~seals)
-    except OSError:
-        raise InvalidArgument(
-            f"{buf!r} cannot be sealed against resizing, so sharing it is unsafe"
-        ) from None
+    if info.kind is FdKind.MEMFD:
+        seal_against_resizing(fd, info.seals or 0)
 
 
-def _reopen_read_only(fd: int) -> int:
+def _reopen_read_only(fd: int, info: FdInfo) -> int:
     """Close ``fd`` and return a new ``O_RDONLY`` open file of the same file."""
     try:
-        ident = _fd.file_identity(fd)
         try:
             ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
@@ -179,14 +173,14 @@ def _reopen_read_only(fd: int) -> int:
                 f"cannot reopen fd {fd} read-only ({os.strerror(exc.errno or 0)}), "
                 "so it cannot be shared read-only"
             ) from None
-        if _fd.file_identity(ro)[:2] != ident[:2]:
+        if _fd.file_identity(ro)[:2] != info.key:
             os.close(ro)
             raise InvalidArgument(f"reopening fd {fd} read-only gave another file")
-        if ident[2] & (stat.S_IWGRP | stat.S_IWOTH):
+        if info.mode & (stat.S_IWGRP | stat.S_IWOTH):
             # Best effort: without these bits another unprivileged uid cannot
             # reopen its read-only fd read-write through /proc.
             with contextlib.suppress(OSError):
-                os.fchmod(ro, stat.S_IMODE(ident[2]) & ~(stat.S_IWGRP | stat.S_IWOTH))
+                os.fchmod(ro, stat.S_IMODE(info.mode) & ~(stat.S_IWGRP | stat.S_IWOTH))
         return ro
     finally:
         os.close(fd)
@@ -248,6 +242,7 @@ async def receive_buffer(
             is out of step and should be closed.
         anyio.EndOfStream: The peer closed the stream before a message began.
         anyio.BrokenResourceError: The connection broke.
+        anyio.BusyResourceError: Another task is receiving from ``stream``.
     """
     buf, _ = await receive_buffer_with_info(stream, require_same_uid=require_same_uid)
     return buf
@@ -265,16 +260,17 @@ async def receive_buffer_with_info(
         raise TypeError(f"receive_buffer() needs a UNIXSocketStream, not {_tn(stream)}")
     check_bool(require_same_uid, "require_same_uid")
     peer = _peer_of(stream)
+    await anyio.lowlevel.checkpoint()
     if require_same_uid and peer.uid != os.geteuid():
-        await anyio.lowlevel.checkpoint()
         raise InvalidArgument(
             f"the peer (pid {peer.pid}) runs as uid {peer.uid}, not {os.geteuid()}"
         )
+    if peer.receiving:
+        raise anyio.BusyResourceError("receiving from")
+    peer.receiving = True
     fds: list[int] = []
     try:
-        header = await _receive_exactly(
-            stream, peer.sock, _HEADER.size, fds, first=True
-        )
+        header = await _receive_exactly(peer.sock, _HEADER.size, fds, first=True)
         magic, version, flags, reserved, length = _HEADER.unpack(header)
         if magic != MAGIC:
             raise InvalidArgument(f"not a buffer share: magic {magic!r}")
@@ -284,13 +280,13 @@ async def receive_buffer_with_info(
             raise InvalidArgument(f"unknown share flags {flags:#x}/{reserved:#x}")
         if not _SIZE.size + 3 * _STRLEN.size <= length <= MAX_BODY:
             raise InvalidArgument(f"a share record of {length} bytes is malformed")
-        body = await _receive_exactly(stream, peer.sock, length, fds, first=False)
+        body = await _receive_exactly(peer.sock, length, fds, first=False)
         size, name, exporter, fmt = _unpack_body(body)
         if len(fds) != 1:
             raise InvalidArgument(f"a share carries one fd, this one {len(fds)}")
-        writable = bool(flags & FLAG_WRITABLE)
-        buf = _import(fds[0], size, writable)
+        buf, writable = _import(fds[0], size, bool(flags & FLAG_WRITABLE))
     finally:
+        peer.receiving = False
         for fd in fds:
             os.close(fd)
     if buf.size != size:
@@ -305,12 +301,14 @@ async def receive_buffer_with_info(
     return buf, info
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Peer:
     sock: socket.socket
     pid: int
     uid: int
     gid: int
+    receiving: bool = False
+    """A receive is reading from the stream: a second one would interleave."""
 
 
 #: A stream's socket and its peer's credentials, which never change once
@@ -332,58 +330,62 @@ def _peer_of(stream: anyio.abc.UNIXSocketStream) -> _Peer:
     return peer
 
 
-def _receive_now(sock: socket.socket, count: int, fds: list[int]) -> bytes | None:
-    """Read what is already there (up to ``count`` bytes) without waiting.
+async def _receive_some(sock: socket.socket, count: int, fds: list[int]) -> bytes:
+    """Read up to ``count`` bytes, waiting until some come (or the peer closes).
 
-    The rest of a message that has begun is normally there already; reading it
-    straight from the socket saves a trip through the event loop. Returns None
-    when nothing is there yet (or on an error, which the stream then reports).
+    Every fd of every control message is added to ``fds`` before anything is
+    checked, so that the caller closes each of them whatever happens next.
+    Control messages other than ``SCM_RIGHTS`` (the ``SCM_CREDENTIALS`` a
+    ``SO_PASSCRED`` socket gets with every read) carry no fd and are ignored.
+
+    Raises:
+        InvalidArgument: The control data was cut short (more fds than a share
+            can carry); what did arrive is in ``fds``.
+        anyio.ClosedResourceError: This end of the stream is closed.
+        anyio.BrokenResourceError: The connection broke.
     """
-    try:
-        data, ancdata, _, _ = sock.recvmsg(
-            count, socket.CMSG_LEN(_MAX_FDS * _FD_SIZE), socket.MSG_DONTWAIT
-        )
-    except OSError:
-        return None
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            received = array.array("i")
-            received.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
-            fds.extend(received)
-    if not data and not ancdata:
-        raise InvalidArgument("the peer closed the stream in mid-message")
-    return data
+    while True:
+        try:
+            data, ancdata, msg_flags, _ = sock.recvmsg(
+                count, _ANCILLARY, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
+            )
+        except BlockingIOError:
+            await anyio.wait_readable(sock)
+            continue
+        except OSError as exc:
+            if sock.fileno() < 0:
+                raise anyio.ClosedResourceError from None
+            raise anyio.BrokenResourceError from exc
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                received = array.array("i")
+                received.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
+                fds.extend(received)
+        if msg_flags & socket.MSG_CTRUNC:
+            raise InvalidArgument("a share came with more fds than one share carries")
+        if not data and ancdata:
+            raise InvalidArgument("fds arrived without a share record")
+        return data
 
 
 async def _receive_exactly(
-    stream: anyio.abc.UNIXSocketStream,
-    sock: socket.socket,
-    count: int,
-    fds: list[int],
-    *,
-    first: bool,
+    sock: socket.socket, count: int, fds: list[int], *, first: bool
 ) -> bytes:
     """Read exactly ``count`` bytes, adding every fd that comes with them to ``fds``.
 
-    Only the first read of a message waits through the stream (a checkpoint).
+    Raises:
+        anyio.EndOfStream: ``first`` and the peer closed before a byte came.
+        InvalidArgument: The peer closed in mid-message, or see
+            :func:`_receive_some`.
     """
     chunks: list[bytes] = []
     remaining = count
     while remaining:
-        data = None if first and not chunks else _receive_now(sock, remaining, fds)
-        if data is None:
-            try:
-                data, received = await stream.receive_fds(remaining, _MAX_FDS)
-            except anyio.EndOfStream:
-                if first and remaining == count and not fds:
-                    raise
-                raise InvalidArgument(
-                    "the peer closed the stream in mid-message"
-                ) from None
-            fds.extend(received)
+        data = await _receive_some(sock, remaining, fds)
         if not data:
-            # Only ancillary data: fds sent without bytes are not a share.
-            raise InvalidArgument("fds arrived without a share record")
+            if first and remaining == count and not fds:
+                raise anyio.EndOfStream
+            raise InvalidArgument("the peer closed the stream in mid-message")
         chunks.append(data)
         remaining -= len(data)
     return b"".join(chunks)
@@ -417,31 +419,33 @@ def _unpack_body(body: bytes) -> tuple[int, str | None, str, str | None]:
     return size, check_name(name or None), exporter, fmt or None
 
 
-def _import(fd: int, size: int, writable: bool) -> DmaBuf:
-    """Check ``fd`` against the record and return its buffer (a new reference)."""
-    try:
-        st = os.fstat(fd)
-    except OSError as exc:
-        raise from_oserror(exc, f"fstat of a received fd {fd}") from None
-    if not _fd.is_shareable_memory(fd, st.st_mode):
-        raise InvalidArgument("the fd received is not shareable memory")
-    if size > st.st_size:
+def _import(fd: int, size: int, writable: bool) -> tuple[DmaBuf, bool]:
+    """Check ``fd`` against the record; return its buffer (a new reference).
+
+    Also return whether the fd lets its holder write (not if it is read-only
+    or the memfd is sealed against writes).
+    """
+    info = classify(fd)
+    if not info.memory:
         raise InvalidArgument(
-            f"the peer claims {size} bytes, the file it sent holds {st.st_size}"
+            f"the fd received is not shareable memory ({info.kind.value})"
         )
-    access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
-    if writable != (access == os.O_RDWR):
+    if size > info.size:
+        raise InvalidArgument(
+            f"the peer claims {size} bytes, the file it sent holds {info.size}"
+        )
+    if writable != (info.access == os.O_RDWR):
         raise InvalidArgument(
             "the share's writable flag does not match the fd's access mode"
         )
     try:
-        buf = get(fd)
+        buf = get_classified(fd, info)
     except OSError as exc:
         if isinstance(exc, InvalidArgument):
             raise
         # A file the importer cannot map (ENOMEM, EACCES...) is not a usable share.
         raise InvalidArgument(f"the fd received cannot be imported: {exc}") from None
-    return buf
+    return buf, info.writable
 
 
 def _tn(obj: object) -> str:

@@ -10,7 +10,17 @@ from __future__ import annotations
 from ._backends import current_time, native_checkpoint, task_name
 from ._device import DMA_MASK_32, DMA_MASK_64, UNLIMITED_SEGMENT
 from ._errors import from_oserror
-from ._fd import MEMFD_SEALS, dup_cloexec, sealed_memfd
+from ._fd import MEMFD_SEALS, dup_cloexec, seal_against_resizing, sealed_memfd
+from ._fdkind import RESIZE_SEALS, WRITE_SEALS, FdInfo, FdKind, classify
+from ._mapped import (
+    MAX_TABLE_ENTRIES,
+    MappedExporter,
+    MappedFile,
+    address_of,
+    export_mapped,
+    layout,
+    map_fd,
+)
 from ._validate import (
     check_bool,
     check_cpu_mode,
@@ -26,10 +36,18 @@ from ._waitqueue import WaitQueue, WaitQueueStatistics
 __all__ = [
     "DMA_MASK_32",
     "DMA_MASK_64",
+    "MAX_TABLE_ENTRIES",
     "MEMFD_SEALS",
+    "RESIZE_SEALS",
     "UNLIMITED_SEGMENT",
+    "WRITE_SEALS",
+    "FdInfo",
+    "FdKind",
+    "MappedExporter",
+    "MappedFile",
     "WaitQueue",
     "WaitQueueStatistics",
+    "address_of",
     "check_bool",
     "check_cpu_mode",
     "check_direction",
@@ -37,11 +55,16 @@ __all__ = [
     "check_int",
     "check_name",
     "check_number",
+    "classify",
     "current_time",
     "dup_cloexec",
+    "export_mapped",
     "from_oserror",
     "is_int",
+    "layout",
+    "map_fd",
     "native_checkpoint",
+    "seal_against_resizing",
     "sealed_memfd",
     "task_name",
 ]
