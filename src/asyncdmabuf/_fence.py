@@ -36,7 +36,7 @@ from ._fd import dup_cloexec
 from ._validate import check_fd, is_int
 from ._waitqueue import WaitQueue
 
-__all__ = ["Fence", "FenceCallback", "FenceContext"]
+__all__ = ["Fence", "FenceCallback", "FenceContext", "Notify", "settle"]
 
 FenceCallback = Callable[["Fence"], object]
 
@@ -102,6 +102,12 @@ def settle(signalled: deque[Fence]) -> None:
             except BaseException as exc:  # re-raised below, after the others
                 errors.append(exc)
         for parent in parents or ():
+            if isinstance(parent, Notify):
+                try:
+                    parent.notify(fence)
+                except BaseException as exc:  # pragma: no cover: the library's own
+                    errors.append(exc)
+                continue
             if not parent._signaled and parent._child_signaled(fence):
                 parent._mark(parent._error)
                 signalled.append(parent)
@@ -109,6 +115,20 @@ def settle(signalled: deque[Fence]) -> None:
         for extra in errors[1:]:
             errors[0].add_note(f"another fence callback also raised {extra!r}")
         raise errors[0]
+
+
+@final
+class Notify:
+    """A link to an active fence that only tells ``notify`` of its signal.
+
+    What waits for a fence array's components without being an array: the
+    task polling a passive array, the fence watcher.
+    """
+
+    __slots__ = ("notify",)
+
+    def __init__(self, notify: Callable[[Fence], None]) -> None:
+        self.notify = notify
 
 
 def _hand_over(ref: weakref.ref[Fence], _value: object) -> None:
@@ -236,7 +256,7 @@ class Fence:
         self._queue: WaitQueue | None = None
         self._callbacks: list[FenceCallback] | None = None
         #: The arrays built on this fence that learn of its signal.
-        self._parents: dict[Fence, None] | None = None
+        self._parents: dict[Fence | Notify, None] | None = None
         self._rfd = -1
         self._wfd = -1
         #: True for fences whose signal nothing in this process delivers by
@@ -466,10 +486,14 @@ class Fence:
         """Learn that ``child`` signalled; return whether this fence now has."""
         raise NotImplementedError  # pragma: no cover: only arrays have children
 
-    def _add_parent(self, parent: Fence) -> None:
+    def _add_parent(self, parent: Fence | Notify) -> None:
         if self._parents is None:
             self._parents = {}
         self._parents[parent] = None
+
+    def _remove_parent(self, parent: Fence | Notify) -> None:
+        if self._parents:
+            self._parents.pop(parent, None)
 
     # -- wait -----------------------------------------------------------------------
 

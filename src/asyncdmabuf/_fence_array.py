@@ -9,16 +9,19 @@ An array with a component nothing here signals by itself (an imported fence,
 or an array of those) is *passive*, like its components: it keeps no links,
 and whoever awaits or tests it evaluates it, bottom-up, by an explicit walk.
 A task awaiting it waits for all its pending leaves at once (one epoll set
-over their fds, no task per leaf). Its exported fd is finished by the fence
-watcher (``_fence_watch``).
+over the imported leaves' fds and an eventfd the active leaves write to at
+their signal; no task per leaf). Its exported fd is finished by the fence
+watcher (``_fence_watch``), which the active leaves tell of their signal.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import select
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Final, final
 
 import anyio
@@ -26,12 +29,14 @@ import anyio
 from . import _fence_watch
 from ._errors import InvalidArgument, from_oserror
 from ._fd import dup_cloexec
-from ._fence import Fence, settle
+from ._fence import Fence, Notify, settle
 from ._fence_fd import FdKind, errno_of
+from ._fence_watch import LeafKey
 
 __all__ = ["ArrayFence", "leaves", "passive_tree"]
 
 _ARRAY_NAMES: Final = ("dma_fence_array", "unbound")
+_active_keys = itertools.count(1)
 
 
 @final
@@ -83,8 +88,7 @@ class ArrayFence(Fence):
     def _release(self) -> None:
         components, self._components = self._components, ()
         for other in components:  # Fence.any: the others need not tell us
-            if other._parents:
-                other._parents.pop(self, None)
+            other._remove_parent(self)
 
     # -- passive arrays ---------------------------------------------------------------
 
@@ -115,15 +119,24 @@ class ArrayFence(Fence):
         return self._signaled
 
     async def _wait_ready(self) -> None:
+        # One epoll set over the imported leaves' fds, plus an eventfd the
+        # active leaves write to at their signal: one wait for all of them.
+        links: list[tuple[Fence, Notify]] = []
         fds: list[int] = []
         try:
-            fds.extend(dup_cloexec(leaf._watch_fd()[1]) for leaf in leaves(self))
-            if not fds:  # pragma: no cover: a pending passive array has leaves
-                await anyio.lowlevel.checkpoint()
-                return
-            if len(fds) == 1:
-                await anyio.wait_readable(fds[0])
-                return
+            wake = _eventfd()
+            fds.append(wake)
+
+            def woken(_: Fence) -> None:
+                os.eventfd_write(wake, 1)
+
+            for leaf in leaves(self):
+                if leaf._passive:
+                    fds.append(dup_cloexec(leaf._watch_fd()[1]))
+                else:
+                    link = Notify(woken)
+                    leaf._add_parent(link)
+                    links.append((leaf, link))
             try:
                 ready = select.epoll()
             except OSError as exc:
@@ -133,6 +146,8 @@ class ArrayFence(Fence):
                     ready.register(fd, select.EPOLLIN)
                 await anyio.wait_readable(ready.fileno())
         finally:
+            for leaf, link in links:
+                leaf._remove_parent(link)
             for fd in fds:
                 os.close(fd)
 
@@ -148,7 +163,11 @@ class ArrayFence(Fence):
         """
         if self.signaled or not self._passive:
             return super().export_fd()
-        return _fence_watch.export(passive_tree(self))
+        tree, active = passive_tree(self)
+        fd, done = _fence_watch.export(tree)
+        for key, leaf in active.items():
+            leaf._add_parent(Notify(partial(_tell, done, key)))
+        return fd
 
 
 def _is_passive_array(fence: Fence) -> bool:
@@ -200,20 +219,22 @@ def leaves(root: ArrayFence) -> Iterator[Fence]:
                 yield fence
 
 
-def passive_tree(root: ArrayFence) -> _fence_watch.Tree:
-    """Return what the watcher needs of a pending passive array: its shape and fds.
+def passive_tree(root: ArrayFence) -> tuple[_fence_watch.Tree, dict[LeafKey, Fence]]:
+    """Return what the watcher needs of a pending passive array, and its active leaves.
 
-    The arrays become nodes, everything else leaves, each named by the
-    identity of its fd's file. No fence object is handed over (the watcher
-    runs in another thread).
+    The arrays become nodes, everything else leaves: an imported fence is
+    named by the identity of its fd's file and handed over as that fd; an
+    active fence (signalled in this process) by a number, and returned for
+    the caller to link to the watcher. No fence object is handed over (the
+    watcher runs in another thread).
     """
     root._poll()
-    index: dict[int, int] = {}
-    nodes: list[_fence_watch.Node] = []
-    leaf_fds: dict[_fence_watch.LeafKey, tuple[int, FdKind]] = {}
+    index: dict[int, int] = {id(root): 0}
+    nodes = [_fence_watch.Node(root._any, errno_of(root._error), [])]
+    fds: dict[LeafKey, tuple[int, FdKind]] = {}
+    active: dict[LeafKey, Fence] = {}
+    active_keys: dict[int, LeafKey] = {}
     stack: list[ArrayFence] = [root]
-    index[id(root)] = 0
-    nodes.append(_fence_watch.Node(root._any, _fence_watch_code(root), []))
     while stack:
         node = stack.pop()
         me = nodes[index[id(node)]]
@@ -225,16 +246,29 @@ def passive_tree(root: ArrayFence) -> _fence_watch.Tree:
                 if id(fence) not in index:
                     index[id(fence)] = len(nodes)
                     nodes.append(
-                        _fence_watch.Node(fence._any, _fence_watch_code(fence), [])
+                        _fence_watch.Node(fence._any, errno_of(fence._error), [])
                     )
                     stack.append(fence)
                 me.children.append(index[id(fence)])
+            elif fence._passive:
+                file, fd, kind = fence._watch_fd()
+                fds[file] = (fd, kind)
+                me.children.append(file)
             else:
-                key, fd, kind = fence._watch_fd()
-                leaf_fds[key] = (fd, kind)
-                me.children.append(key)
-    return _fence_watch.Tree(nodes, leaf_fds)
+                known = active_keys.get(id(fence))
+                if known is None:
+                    known = active_keys[id(fence)] = ("active", next(_active_keys))
+                    active[known] = fence
+                me.children.append(known)
+    return _fence_watch.Tree(nodes, fds), active
 
 
-def _fence_watch_code(node: ArrayFence) -> int:
-    return errno_of(node._error)
+def _tell(done: Callable[[LeafKey, int], None], key: LeafKey, fence: Fence) -> None:
+    done(key, errno_of(fence._error))
+
+
+def _eventfd() -> int:
+    try:
+        return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    except OSError as exc:
+        raise from_oserror(exc, "eventfd for a fence array") from None

@@ -12,7 +12,9 @@ set, and only while there is something to watch: it starts with the first
 such export and ends as soon as the last one is finished or abandoned. Each
 component's file is watched once however many exports share it (one
 duplicate fd), each export costs one fd (its write end), and no export adds
-anything to the component fences. An export is finished with its record when
+anything to an imported component. A component signalled in this process
+tells the watcher at its signal, through a link it keeps until then (as a
+kernel fence keeps a callback). An export is finished with its record when
 its components signal, and dropped, with its fds closed, as soon as every
 holder of the exported fd has closed it (its write end then polls
 ``EPOLLHUP``). The thread never touches a fence object or the event loop:
@@ -28,8 +30,9 @@ import contextlib
 import os
 import select
 import threading
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from functools import partial
 from typing import Final, final
 
 from . import _fence_fd
@@ -63,7 +66,9 @@ class Tree:
 
     nodes: list[Node]
     leaves: dict[LeafKey, tuple[int, FdKind]]
-    """Each leaf's fd (the caller's: the watcher duplicates it) and kind."""
+    """Each imported leaf's fd (the caller's: the watcher duplicates it) and kind.
+
+    Leaves of ``nodes`` not in here are active: the caller reports them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,15 +163,30 @@ class _Watcher:
 
     # -- the loop's side ------------------------------------------------------------
 
-    def export(self, tree: Tree) -> int:
+    def export(self, tree: Tree) -> tuple[int, Callable[[LeafKey, int], None]]:
         rfd, wfd = _fence_fd.socketpair()
+        watch = _Watch(wfd, tree)
         try:
             with self._lock:
-                self._add(_Watch(wfd, tree), tree)
+                self._add(watch, tree)
         except BaseException:
             os.close(rfd)
             raise
-        return rfd
+        return rfd, partial(self._leaf_signaled, watch)
+
+    def _leaf_signaled(self, watch: _Watch, key: LeafKey, code: int) -> None:
+        """An active leaf signalled (told by the loop's thread, at its signal)."""
+        with self._lock:
+            if watch not in self._watches:
+                return  # finished or abandoned already
+            root = watch.leaf_done(key, code)
+            if root is not None:
+                self._drop(watch, root)
+                self._wake_if_idle()
+
+    def _wake_if_idle(self) -> None:
+        if not self._watches and self._thread is not None:
+            os.eventfd_write(self._wake, 1)  # let the thread see it is idle
 
     def _add(self, watch: _Watch, tree: Tree) -> None:
         try:
@@ -199,8 +219,8 @@ class _Watcher:
             self._drop(watch, None)
             if self._thread is None:
                 self._stop_if_idle()
-            elif not self._watches:
-                os.eventfd_write(self._wake, 1)  # let the thread see it is idle
+            else:
+                self._wake_if_idle()
             raise
 
     def _open(self) -> select.epoll:
@@ -318,8 +338,11 @@ _WATCHER: Final = _Watcher()
 os.register_at_fork(after_in_child=_WATCHER._after_fork_in_child)
 
 
-def export(tree: Tree) -> int:
+def export(tree: Tree) -> tuple[int, Callable[[LeafKey, int], None]]:
     """Return a new fd (``O_CLOEXEC``) finished by the watcher when ``tree`` signals.
+
+    Also returns what to call with ``(key, errno)`` when an active leaf of
+    the tree (one not in ``tree.leaves``) signals.
 
     Raises:
         DmaBufError: Out of fds or memory (with the errno).
