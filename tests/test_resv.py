@@ -516,6 +516,21 @@ async def test_export_of_several_imported_fences() -> None:
         os.close(out)
 
 
+def test_test_notices_every_imported_fence_at_once() -> None:
+    """Asking prunes every signalled fence, not just the first one noticed."""
+    owners = [Fence(), Fence()]
+    resv = Reservation()
+    for owner in owners:
+        fd = owner.export_fd()
+        with foreign():
+            resv.import_sync_fd(fd, "w")
+        os.close(fd)
+    for owner in owners:
+        owner.signal()
+    assert resv.test(Usage.BOOKKEEP)
+    assert resv.fences() == ()
+
+
 # -- across processes ----------------------------------------------------------
 
 CHILD_WRITER = r"""

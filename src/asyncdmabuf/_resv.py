@@ -43,9 +43,11 @@ class Reservation:
         self._fences: list[tuple[Fence, Usage]] = []
 
     def _prune(self) -> list[tuple[Fence, Usage]]:
+        # Every fence is asked (an imported one notices its signal when asked).
         fences = self._fences
-        if any(fence.signaled for fence, _ in fences):
-            fences = self._fences = [(f, u) for f, u in fences if not f._signaled]
+        kept = [(f, u) for f, u in fences if not f.signaled]
+        if len(kept) != len(fences):
+            self._fences = fences = kept
         return fences
 
     def add_fence(self, fence: Fence, usage: Usage) -> None:
