@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import pathlib
 import select
 import socket
 import struct
@@ -193,3 +194,16 @@ def test_a_real_kernel_sync_file_is_a_fence() -> None:
     finally:
         os.close(sync_file)
         os.close(dmabuf)
+
+
+def test_import_fd_refuses_an_o_path_fd_of_a_socket_file(
+    tmp_path: pathlib.Path,
+) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(str(tmp_path / "sock"))
+        fd = os.open(tmp_path / "sock", os.O_PATH | os.O_CLOEXEC)
+        try:
+            with pytest.raises(InvalidArgument):
+                Fence.import_fd(fd)
+        finally:
+            os.close(fd)

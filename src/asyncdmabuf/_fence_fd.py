@@ -181,6 +181,23 @@ def _is_sync_file(fd: int) -> bool:
         return False
 
 
+def _is_fence_socket(fd: int) -> bool:
+    """Whether socket ``fd`` is a UNIX stream socket bound to a fence name."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:  # an O_PATH fd of a socket file, say
+        return False
+    try:
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            return False
+        name = sock.getsockname()
+    except OSError:
+        return False
+    finally:
+        sock.detach()
+    return isinstance(name, bytes) and name.startswith(_NAME_PREFIX)
+
+
 def classify(fd: int) -> FdKind:
     """Return what kind of fence fd ``fd`` is.
 
@@ -200,16 +217,8 @@ def classify(fd: int) -> FdKind:
             raise BadFileDescriptor(f"fd {fd} is not open") from None
         raise from_oserror(exc, f"fstat of fd {fd}") from None
     if stat.S_ISSOCK(st.st_mode):
-        sock = socket.socket(fileno=fd)
-        try:
-            if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM:
-                name = sock.getsockname()
-                if isinstance(name, bytes) and name.startswith(_NAME_PREFIX):
-                    return "fence"
-        except OSError:
-            pass
-        finally:
-            sock.detach()
+        if _is_fence_socket(fd):
+            return "fence"
         raise InvalidArgument(f"fd {fd} is a socket, but not a fence's")
     if _is_sync_file(fd):
         return "sync_file"

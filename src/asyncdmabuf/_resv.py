@@ -156,6 +156,10 @@ class Reservation:
         later do not make it busy; with nothing pending it is already
         readable. The caller owns the fd (``O_CLOEXEC``) and closes it.
 
+        With fences of other processes pending, the fd is finished by the
+        process's one fence watcher thread, which holds nothing of it once
+        every holder has closed it; the export adds nothing to the fences.
+
         Raises:
             TypeError: ``mode`` is not a str.
             InvalidArgument: It is not ``"r"``, ``"w"`` or ``"rw"``.
