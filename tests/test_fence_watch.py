@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import socket
 import threading
 import weakref
 from collections.abc import Iterator
@@ -196,4 +197,29 @@ async def test_nested_export_of_imported_and_local_fences() -> None:
     finally:
         os.close(out)
         owners[1].signal()
+    wait_for_watcher_to_end()
+
+
+async def test_a_holder_shutting_its_end_does_not_end_the_export(
+    owners: list[Fence], resv: Reservation
+) -> None:
+    """Only every holder closing the fd lets it go; a shutdown for writing does not."""
+    out = resv.export_sync_fd("r")
+    other = os.dup(out)
+    try:
+        with socket.socket(fileno=os.dup(out)) as sock:
+            sock.shutdown(socket.SHUT_WR)
+        os.close(out)
+        out = -1
+        for owner in owners:
+            owner.signal(errno.ENOLINK)
+        with anyio.fail_after(10):
+            await anyio.wait_readable(other)
+        error = Fence.import_fd(other).error
+        assert isinstance(error, OSError)
+        assert error.errno == errno.ENOLINK
+    finally:
+        os.close(other)
+        if out >= 0:
+            os.close(out)
     wait_for_watcher_to_end()

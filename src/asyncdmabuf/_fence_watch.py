@@ -205,7 +205,9 @@ class _Watcher:
                     self._by_fd[leaf.fd] = leaf
                 leaf.watches.add(watch)
             try:
-                epoll.register(watch.wfd, select.EPOLLRDHUP)
+                # No events asked: EPOLLHUP (every holder closed it) always comes,
+                # and a holder shutting its end for writing wakes nobody.
+                epoll.register(watch.wfd, 0)
             except OSError as exc:
                 raise from_oserror(exc, "watching an exported fence fd") from None
             self._by_fd[watch.wfd] = watch
