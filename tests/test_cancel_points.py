@@ -893,6 +893,11 @@ def _fd_bytes(fds: list[int]) -> bytes:
 # -- fences -----------------------------------------------------------------------
 
 
+def _fence_waiters(fence: Fence) -> int:
+    queue = fence._queue
+    return 0 if queue is None else queue.statistics().tasks_waiting
+
+
 class FenceWait(Scenario):
     async def prepare(self) -> None:
         self.fence = Fence()
@@ -905,12 +910,12 @@ class FenceWait(Scenario):
         self.fence.signal()
 
     async def cancelled(self) -> None:
-        assert self.fence._waiters == 0
+        assert _fence_waiters(self.fence) == 0
 
     async def succeeded(self, result: object) -> None:
         assert self.fence.signaled
-        assert self.fence._waiters == 0
-        assert self.fence._event is None
+        assert _fence_waiters(self.fence) == 0
+        assert self.fence._queue is None
 
 
 class FenceAllWait(FenceWait):
@@ -941,10 +946,10 @@ class ResvWait(Scenario):
 
     async def succeeded(self, result: object) -> None:
         assert self.buf.resv.test(Usage.BOOKKEEP)
-        assert all(f._waiters == 0 for f in self.fences)
+        assert all(_fence_waiters(f) == 0 for f in self.fences)
 
     async def cancelled(self) -> None:
-        assert all(f._waiters == 0 for f in self.fences)
+        assert all(_fence_waiters(f) == 0 for f in self.fences)
 
     async def teardown(self) -> None:
         await self.buf.put()

@@ -20,7 +20,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import asyncdmabuf
-from asyncdmabuf import DmaBufError, Fence, FenceContext, InvalidArgument, _fence
+from asyncdmabuf import (
+    DmaBufError,
+    Fence,
+    FenceContext,
+    InvalidArgument,
+    _fence,
+    _fence_fd,
+    _fence_import,
+)
 
 from .helpers import checkpoints, no_checkpoints, wait_all_blocked
 
@@ -49,7 +57,7 @@ def readable(fd: int) -> bool:
     return bool(select.select([fd], [], [], 0)[0])
 
 
-def import_foreign(fd: int) -> _fence._ImportedFence:
+def import_foreign(fd: int) -> _fence_import.ImportedFence:
     """Import ``fd`` as another process would, not knowing this process's fences."""
     known = _fence._by_file
     _fence._by_file = weakref.WeakValueDictionary()
@@ -57,14 +65,20 @@ def import_foreign(fd: int) -> _fence._ImportedFence:
         imported = Fence.import_fd(fd)
     finally:
         _fence._by_file = known
-    assert isinstance(imported, _fence._ImportedFence)
+    assert isinstance(imported, _fence_import.ImportedFence)
     return imported
 
 
+def waiting(fence: Fence) -> int:
+    """How many tasks wait for ``fence`` (its poller included, if imported)."""
+    queue = fence._queue
+    parked = 0 if queue is None else queue.statistics().tasks_waiting
+    return parked + fence._polling
+
+
 def assert_clean(fence: Fence) -> None:
-    """Nothing waits on the fence any more and no waiter state is left."""
-    assert fence._waiters == 0
-    assert fence._event is None
+    """Nothing waits on the fence any more."""
+    assert waiting(fence) == 0
 
 
 # -- signal, status, error (test_signaling, test_status, test_error) -----------
@@ -174,7 +188,7 @@ async def test_wait_blocks_until_signal_then_reads_error() -> None:
             tg.start_soon(waiter)
         await wait_all_blocked()
         assert seen == []
-        assert fence._waiters == 5
+        assert waiting(fence) == 5
         fence.signal(errno.ENOSPC)
     assert len(seen) == 5
     assert all(signaled and err is fence.error for signaled, err in seen)
@@ -199,10 +213,10 @@ async def test_cancelled_wait_leaves_nothing_and_retry_works() -> None:
         for scope in scopes:
             tg.start_soon(waiter, scope)
         await wait_all_blocked()
-        assert fence._waiters == 3
+        assert waiting(fence) == 3
         scopes[0].cancel()
         await wait_all_blocked()
-        assert fence._waiters == 2
+        assert waiting(fence) == 2
         for scope in scopes[1:]:
             scope.cancel()
     assert len(cancelled) == 3
@@ -548,7 +562,9 @@ def test_any_signals_at_the_first_and_unregisters() -> None:
     assert either.signaled
     assert either.error is fences[1].error
     assert not fences[0]._callbacks
+    assert not fences[0]._parents
     assert not fences[2]._callbacks
+    assert not fences[2]._parents
     fences[0].signal()
     assert either.error is fences[1].error
 
@@ -565,7 +581,9 @@ def test_any_degenerate_cases() -> None:
     assert either.signaled
     assert either.error is done.error
     assert not pending[0]._callbacks
+    assert not pending[0]._parents
     assert not pending[1]._callbacks
+    assert not pending[1]._parents
     with pytest.raises(InvalidArgument):
         either.signal()
 
@@ -795,8 +813,8 @@ def test_import_fd_refuses_what_is_not_a_fence() -> None:
 
 
 def test_garbage_record_reads_as_protocol_error() -> None:
-    a, b = socket.socketpair()
-    with a, b:
+    rfd, wfd = _fence_fd.socketpair()  # a fence socket, written by a bad peer
+    with socket.socket(fileno=rfd) as a, socket.socket(fileno=wfd) as b:
         b.sendall(b"xy")
         b.shutdown(socket.SHUT_WR)
         imported = Fence.import_fd(a.fileno())

@@ -159,11 +159,11 @@ async def test_cancelled_wait_leaves_nothing_and_retry_works() -> None:
             tg.start_soon(resv.wait, Usage.WRITE)
             tg.start_soon(resv.wait_for_cpu, "rw")
             await wait_all_blocked()
-            assert fence._waiters == 2
+            assert fence._queue is not None
+            assert fence._queue.statistics().tasks_waiting == 2
             scope.cancel()
     assert scope.cancelled_caught
-    assert fence._waiters == 0
-    assert fence._event is None
+    assert fence._queue is None or not fence._queue.statistics().tasks_waiting
     assert [f for f, _ in resv.fences()] == [fence]
     async with anyio.create_task_group() as tg:
         tg.start_soon(resv.wait, Usage.WRITE)
@@ -514,6 +514,21 @@ async def test_export_of_several_imported_fences() -> None:
             await resv.wait_for_cpu("rw")
     finally:
         os.close(out)
+
+
+def test_test_notices_every_imported_fence_at_once() -> None:
+    """Asking prunes every signalled fence, not just the first one noticed."""
+    owners = [Fence(), Fence()]
+    resv = Reservation()
+    for owner in owners:
+        fd = owner.export_fd()
+        with foreign():
+            resv.import_sync_fd(fd, "w")
+        os.close(fd)
+    for owner in owners:
+        owner.signal()
+    assert resv.test(Usage.BOOKKEEP)
+    assert resv.fences() == ()
 
 
 # -- across processes ----------------------------------------------------------

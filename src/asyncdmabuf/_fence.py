@@ -1,16 +1,17 @@
 """Fences: ``struct dma_fence``, a promise that something will be done, awaitable.
 
-A fence is signalled exactly once, optionally with an error. Tasks await it,
-callbacks run when it signals, and it can travel to another process as an fd
-(the kernel's ``sync_file``): a UNIX socket whose peer end the fence keeps. At
-signal the fence writes one record (0 or an errno) and shuts its end down, so
-the fd polls readable from then on and every holder can peek the record
-without consuming it. An owner that goes away unsignalled leaves EOF and no
-record: the importer sees the fence signalled with ``EOWNERDEAD``.
+A fence is signalled exactly once, optionally with an error. Tasks await it
+(parked on one :class:`~asyncdmabuf.lowlevel.WaitQueue`), callbacks run when
+it signals, and it can travel to another process as an fd (the kernel's
+``sync_file``; the protocol is in ``_fence_fd``).
 
 Fences of one :class:`FenceContext` (a timeline) signal in order of their
 sequence numbers: signalling one signals every pending earlier one first, as
 the kernel requires of every timeline (and as ``sw_sync`` does).
+
+Signalling is iterative: what follows from a signal (earlier fences of the
+timeline, callbacks, fence arrays built on the fence, arrays built on those,
+thousands of levels deep) is worked off a list, never by recursion.
 
 Fences are not thread-safe: use them from the thread that runs the event loop
 (``anyio.from_thread.run_sync(fence.signal)`` from others).
@@ -18,36 +19,24 @@ Fences are not thread-safe: use them from the thread that runs the event loop
 
 from __future__ import annotations
 
-import contextlib
-import errno as _errno
 import heapq
 import itertools
 import os
-import select
-import socket
-import stat
-import struct
-import threading
 import weakref
+from collections import deque
 from collections.abc import Callable
 from typing import ClassVar, Final, final
 
 import anyio
 import anyio.lowlevel
 
-from ._errors import (
-    BadFileDescriptor,
-    Busy,
-    DmaBufError,
-    InvalidArgument,
-    NoDevice,
-    OutOfMemory,
-    from_oserror,
-)
+from . import _fence_fd
+from ._errors import InvalidArgument
 from ._fd import dup_cloexec
-from ._validate import check_fd
+from ._validate import check_fd, is_int
+from ._waitqueue import WaitQueue
 
-__all__ = ["Fence", "FenceCallback", "FenceContext"]
+__all__ = ["Fence", "FenceCallback", "FenceContext", "Notify", "settle"]
 
 FenceCallback = Callable[["Fence"], object]
 
@@ -55,56 +44,33 @@ FenceCallback = Callable[["Fence"], object]
 _context_ids = itertools.count(1)
 _tiebreak = itertools.count()
 
-#: The record a fence writes at signal: 0, or the errno it failed with.
-_RECORD: Final = struct.Struct("<i")
-_MAX_ERRNO: Final = 4095
-
 _DEFAULT_NAMES: Final = ("asyncdmabuf", "unbound")
-_ARRAY_NAMES: Final = ("dma_fence_array", "unbound")
-_IMPORTED_NAMES: Final = ("sync_file", "imported")
 _STUB_NAMES: Final = ("stub", "stub")
 
 #: Fences by the identity of the socket their fds refer to, so that importing
 #: an fd of this process gives back the very fence (as ``sync_file_get_fence``).
-_by_file: weakref.WeakValueDictionary[tuple[int, int], Fence] = (
+_by_file: weakref.WeakValueDictionary[tuple[object, ...], Fence] = (
     weakref.WeakValueDictionary()
 )
-
-
-def _error_from_errno(code: int) -> DmaBufError:
-    """Return the framework error carrying ``code`` (for errors read from an fd)."""
-    message = f"fence signalled with an error: {os.strerror(code)}"
-    for cls in (BadFileDescriptor, InvalidArgument, OutOfMemory, Busy, NoDevice):
-        if cls.default_errno == code:
-            return cls(message)
-    return DmaBufError(message, code=code)
-
-
-def _errno_of(error: Exception | None) -> int:
-    """Return the errno that stands for ``error`` in an fd's record (0: none)."""
-    if error is None:
-        return 0
-    code = getattr(error, "errno", None)
-    if isinstance(code, int) and 0 < code <= _MAX_ERRNO:
-        return code
-    return _errno.EIO
 
 
 def _check_error(error: object) -> Exception | None:
     if error is None or isinstance(error, Exception):
         return error
-    if isinstance(error, int) and not isinstance(error, bool):
-        if not 0 < error <= _MAX_ERRNO:
+    if is_int(error):
+        assert isinstance(error, int)
+        if not 0 < error <= _fence_fd.MAX_ERRNO:
             raise InvalidArgument(f"a fence error is a positive errno, not {error}")
-        return _error_from_errno(error)
+        return _fence_fd.error_from_errno(error)
     raise TypeError(
         f"a fence error is an Exception or an errno, not {type(error).__name__}"
     )
 
 
 def _check_seqno(seqno: object) -> int:
-    if not isinstance(seqno, int) or isinstance(seqno, bool):
+    if not is_int(seqno):
         raise TypeError(f"a sequence number is an int, not {type(seqno).__name__}")
+    assert isinstance(seqno, int)
     if seqno < 0:
         raise InvalidArgument(f"a sequence number is not negative, got {seqno}")
     return seqno
@@ -117,99 +83,59 @@ def _check_fences(fences: tuple[object, ...]) -> tuple[Fence, ...]:
     return fences  # type: ignore[return-value]
 
 
-# -- the fd protocol ----------------------------------------------------------------
+def settle(signalled: deque[Fence]) -> None:
+    """Run what follows from the fences just marked signalled, iteratively.
 
-
-def _socketpair() -> tuple[int, int]:
-    """Return ``(read_end, write_end)`` of a new UNIX stream pair (``O_CLOEXEC``)."""
-    try:
-        reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    except OSError as exc:
-        raise from_oserror(exc, "socketpair for a fence") from None
-    return reader.detach(), writer.detach()
-
-
-def _finish(wfd: int, code: int | None) -> None:
-    """Write the record (``None``: none, the owner died), shut down, close ``wfd``."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=wfd)
-    try:
-        # OSError: nobody holds the read end any more.
-        if code is not None:
-            with contextlib.suppress(OSError):
-                sock.send(_RECORD.pack(code), socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_WR)
-    finally:
-        sock.close()
-
-
-def _signaled_fd(code: int) -> int:
-    """Return a new fd that is already readable with the record ``code``."""
-    rfd, wfd = _socketpair()
-    _finish(wfd, code)
-    return rfd
-
-
-def _peek(fd: int) -> int | None:
-    """Return the record behind ``fd`` without consuming it; ``None`` while pending.
-
-    EOF without a record (the owner died unsignalled) reads as ``EOWNERDEAD``,
-    anything that is not a record as ``EPROTO``.
+    Each fence's callbacks run, then the arrays built on it learn of it; an
+    array that completes is marked and joins the list. Every callback runs
+    even if one raises; the first exception is re-raised at the end, the
+    others noted on it.
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)
-    try:
-        data = sock.recv(_RECORD.size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except (BlockingIOError, InterruptedError):
-        return None
-    except OSError:
-        return _errno.EPROTO
-    finally:
-        sock.detach()
-    if not data:
-        return _errno.EOWNERDEAD
-    if len(data) != _RECORD.size:
-        return _errno.EPROTO
-    (code,) = _RECORD.unpack(data)
-    return code if 0 <= code <= _MAX_ERRNO else _errno.EPROTO
+    errors: list[BaseException] = []
+    while signalled:
+        fence = signalled.popleft()
+        callbacks, fence._callbacks = fence._callbacks, None
+        parents, fence._parents = fence._parents, None
+        for callback in callbacks or ():
+            try:
+                callback(fence)
+            except BaseException as exc:  # re-raised below, after the others
+                errors.append(exc)
+        for parent in parents or ():
+            if isinstance(parent, Notify):
+                try:
+                    parent.notify(fence)
+                except BaseException as exc:  # pragma: no cover: the library's own
+                    errors.append(exc)
+                continue
+            if not parent._signaled and parent._child_signaled(fence):
+                parent._mark(parent._error)
+                signalled.append(parent)
+    if errors:
+        for extra in errors[1:]:
+            errors[0].add_note(f"another fence callback also raised {extra!r}")
+        raise errors[0]
 
 
-def _file_key(fd: int) -> tuple[int, int]:
-    st = os.fstat(fd)
-    return st.st_dev, st.st_ino
+@final
+class Notify:
+    """A link to an active fence that only tells ``notify`` of its signal.
 
-
-def _watch(fds: list[int], wfd: int, any_: bool) -> None:
-    """Thread body: finish ``wfd`` once all (or any) of ``fds`` have signalled.
-
-    What the kernel does for an exported fence array, done by a thread because
-    nothing in this process is bound to run when the components signal. Owns
-    and closes every fd it is given.
+    What waits for a fence array's components without being an array: the
+    task polling a passive array, the fence watcher.
     """
-    code = 0
-    try:
-        poller = select.poll()
-        for fd in fds:
-            poller.register(fd, select.POLLIN)
-        left = set(fds)
-        while left:
-            for fd, _ in poller.poll():
-                record = _peek(fd)
-                if record is None or fd not in left:
-                    continue
-                poller.unregister(fd)
-                left.discard(fd)
-                if any_:
-                    code = record
-                    left.clear()
-                    break
-                code = code or record
-    finally:
-        for fd in fds:
-            os.close(fd)
-        _finish(wfd, code)
+
+    __slots__ = ("notify",)
+
+    def __init__(self, notify: Callable[[Fence], None]) -> None:
+        self.notify = notify
 
 
-# -- fences -------------------------------------------------------------------------
+def _hand_over(ref: weakref.ref[Fence], _value: object) -> None:
+    """A waiter woken to take over polling was cancelled first: wake the next."""
+    fence = ref()
+    if fence is not None:
+        fence._hand_over()
 
 
 @final
@@ -308,13 +234,14 @@ class Fence:
         "_context",
         "_ctx",
         "_error",
-        "_event",
         "_names",
+        "_parents",
         "_passive",
+        "_polling",
+        "_queue",
         "_rfd",
         "_seqno",
         "_signaled",
-        "_waiters",
         "_wfd",
     )
 
@@ -325,15 +252,19 @@ class Fence:
     ) -> None:
         self._signaled = False
         self._error: Exception | None = None
-        self._event: anyio.Event | None = None
-        self._waiters = 0
+        #: Tasks waiting for the signal (made on the first wait).
+        self._queue: WaitQueue | None = None
         self._callbacks: list[FenceCallback] | None = None
+        #: The arrays built on this fence that learn of its signal.
+        self._parents: dict[Fence | Notify, None] | None = None
         self._rfd = -1
         self._wfd = -1
         #: True for fences whose signal nothing in this process delivers by
         #: itself (imported from an fd, or built on such fences): awaiting or
         #: testing them is what notices the signal.
         self._passive = False
+        #: A passive fence is polled by one task at a time: this one is.
+        self._polling = False
         self._ctx = context
         if context is None:
             self._context = next(_context_ids)
@@ -372,67 +303,62 @@ class Fence:
         """Return a fence that signals once every one of ``fences`` has.
 
         Its error is the first error among them (in signalling order). No
-        fences give the stub, one fence gives that fence itself.
+        fences give the stub, one fence gives that fence itself. Arrays nest
+        to any depth.
 
         Raises:
             TypeError: An argument is not a :class:`Fence`.
         """
+        from ._fence_array import ArrayFence
+
         _check_fences(fences)
         if not fences:
             return cls.stub()
         if len(fences) == 1:
             return fences[0]
-        return _ArrayFence(fences, any_=False)
+        return ArrayFence(fences, any_=False)
 
     @classmethod
     def any(cls, *fences: Fence) -> Fence:
         """Return a fence that signals as soon as one of ``fences`` has.
 
         Its error is that fence's error. One fence gives that fence itself.
+        Arrays nest to any depth.
 
         Raises:
             TypeError: An argument is not a :class:`Fence`.
             InvalidArgument: No fences (it could never signal).
         """
+        from ._fence_array import ArrayFence
+
         _check_fences(fences)
         if not fences:
             raise InvalidArgument("Fence.any() of no fences would never signal")
         if len(fences) == 1:
             return fences[0]
-        return _ArrayFence(fences, any_=True)
+        return ArrayFence(fences, any_=True)
 
     @classmethod
     def import_fd(cls, fd: int) -> Fence:
-        """Return the fence behind an fd made by :meth:`export_fd` (here or elsewhere).
+        """Return the fence behind a fence fd, from this process or another.
 
-        The fd stays the caller's (the fence keeps a duplicate, closed once
-        the fence has signalled). An fd of a fence of this process gives that
-        fence back. Nothing watches the fd in the background: the fence
-        notices its signal when a task awaits it or reads :attr:`signaled`
-        (a reservation's ``test`` does), and runs its callbacks then.
+        Accepted: an fd made by :meth:`export_fd` (here or elsewhere), and a
+        real kernel ``sync_file``. The fd stays the caller's (the fence keeps
+        a duplicate, closed once the fence has signalled). An fd of a fence of
+        this process gives that fence back. Nothing watches the fd in the
+        background: the fence notices its signal when a task awaits it or
+        reads :attr:`signaled` (a reservation's ``test`` does), and runs its
+        callbacks then.
 
         Raises:
             TypeError: ``fd`` is not an int.
             BadFileDescriptor: ``fd`` is not open.
-            InvalidArgument: ``fd`` is open but not a fence's fd.
+            InvalidArgument: ``fd`` is open but neither a fence fd nor a
+                kernel sync_file (an arbitrary socket, say).
         """
-        fd = check_fd(fd)
-        try:
-            st = os.fstat(fd)
-        except OSError as exc:
-            if exc.errno == _errno.EBADF:
-                raise BadFileDescriptor(f"fd {fd} is not open") from None
-            raise from_oserror(exc, f"fstat of fd {fd}") from None
-        if not stat.S_ISSOCK(st.st_mode):
-            raise InvalidArgument(f"fd {fd} is not a fence")
-        known = _by_file.get((st.st_dev, st.st_ino))
-        if known is not None:
-            return known
-        sock = socket.socket(fileno=dup_cloexec(fd))
-        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-            sock.close()
-            raise InvalidArgument(f"fd {fd} is not a fence")
-        return _ImportedFence(sock.detach(), (st.st_dev, st.st_ino))
+        from ._fence_import import import_fence
+
+        return import_fence(check_fd(fd))
 
     # -- identity -------------------------------------------------------------------
 
@@ -526,39 +452,48 @@ class Fence:
         err = _check_error(error)
         if self._signaled:
             raise InvalidArgument(f"{self!r} has already been signalled")
-        self._signal_checked(err)
-
-    def _signal_checked(self, err: Exception | None) -> None:
-        errors: list[Exception] = []
+        signalled: deque[Fence] = deque()
         ctx = self._ctx
         if ctx is not None:
             for earlier in ctx._retire(self._seqno):
                 if earlier is not self and not earlier._signaled:
-                    earlier._signal(None, errors)
-        self._signal(err, errors)
-        if errors:
-            for extra in errors[1:]:
-                errors[0].add_note(f"another fence callback also raised {extra!r}")
-            raise errors[0]
+                    earlier._mark(None)
+                    signalled.append(earlier)
+        self._mark(err)
+        signalled.append(self)
+        settle(signalled)
 
-    def _signal(self, err: Exception | None, errors: list[Exception]) -> None:
+    def _mark(self, err: Exception | None) -> None:
+        """Record the signal, wake the waiters, finish the fds; no callbacks yet.
+
+        What follows (callbacks, arrays) is :func:`settle`'s, for the caller.
+        """
         self._signaled = True
         self._error = err
         self._ctx = None
-        event = self._event
-        if event is not None:
-            self._event = None
-            event.set()
-        if self._rfd >= 0:
-            self._close_export(_errno_of(err))
-        callbacks = self._callbacks
-        if callbacks:
-            self._callbacks = None
-            for callback in callbacks:
-                try:
-                    callback(self)
-                except Exception as exc:
-                    errors.append(exc)
+        queue = self._queue
+        if queue is not None:
+            self._queue = None
+            queue.unpark_all()
+        if self._rfd >= 0 or self._wfd >= 0:
+            self._close_export(_fence_fd.errno_of(err))
+        self._release()
+
+    def _release(self) -> None:
+        """Let go of what only a pending fence needs (subclasses)."""
+
+    def _child_signaled(self, child: Fence) -> bool:
+        """Learn that ``child`` signalled; return whether this fence now has."""
+        raise NotImplementedError  # pragma: no cover: only arrays have children
+
+    def _add_parent(self, parent: Fence | Notify) -> None:
+        if self._parents is None:
+            self._parents = {}
+        self._parents[parent] = None
+
+    def _remove_parent(self, parent: Fence | Notify) -> None:
+        if self._parents:
+            self._parents.pop(parent, None)
 
     # -- wait -----------------------------------------------------------------------
 
@@ -575,33 +510,53 @@ class Fence:
         if self._passive:
             await self._drive()
             return
-        event = self._event
-        if event is None:
-            event = self._event = anyio.Event()
-        self._waiters += 1
-        try:
-            await event.wait()
-        finally:
-            self._waiters -= 1
-            if not self._waiters and self._event is event:
-                self._event = None
+        await self._waiters().park()
 
-    async def _wait_event(self) -> None:
-        """Wait for the fence's event to be set (by the signal, or a hand-over)."""
-        event = self._event
-        if event is None:
-            event = self._event = anyio.Event()
-        self._waiters += 1
-        try:
-            await event.wait()
-        finally:
-            self._waiters -= 1
-            if not self._waiters and self._event is event:
-                self._event = None
+    def _waiters(self) -> WaitQueue:
+        queue = self._queue
+        if queue is None:
+            on_abandon = None
+            if self._passive:
+                ref = weakref.ref(self)
+                on_abandon = lambda value: _hand_over(ref, value)  # noqa: E731
+            queue = self._queue = WaitQueue(on_abandon)
+        return queue
 
     async def _drive(self) -> None:
-        """Wait for a passive fence by watching whatever it depends on."""
-        raise NotImplementedError  # pragma: no cover
+        """Wait for a passive fence: one task polls, the others park behind it.
+
+        A poller that is cancelled hands the polling over to the next waiter
+        (the queue passes it on if that one is cancelled too).
+        """
+        suspended = False
+        while not self._poll():
+            suspended = True
+            if self._polling:
+                await self._waiters().park()
+                continue
+            self._polling = True
+            try:
+                await self._wait_ready()
+            except BaseException:
+                self._polling = False
+                self._poll_ended()
+                self._hand_over()
+                raise
+            self._polling = False
+            self._poll_ended()
+        if not suspended:
+            await anyio.lowlevel.checkpoint()
+
+    def _hand_over(self) -> None:
+        if not self._signaled and not self._polling and self._queue is not None:
+            self._queue.unpark()
+
+    async def _wait_ready(self) -> None:
+        """Wait until what a passive fence depends on may have changed."""
+        raise NotImplementedError  # pragma: no cover: only passive fences poll
+
+    def _poll_ended(self) -> None:
+        """The poller stopped polling (passive fences tidy up here)."""
 
     # -- callbacks ------------------------------------------------------------------
 
@@ -652,18 +607,28 @@ class Fence:
             DmaBufError: The process is out of fds (with the errno).
         """
         if self.signaled:
-            return _signaled_fd(_errno_of(self._error))
-        if self._rfd < 0:
-            self._open_export()
-        return dup_cloexec(self._rfd)
+            return _fence_fd.signaled_fd(_fence_fd.errno_of(self._error))
+        return dup_cloexec(self._read_end())
 
-    def _open_export(self) -> None:
-        self._rfd, self._wfd = _socketpair()
-        try:
-            _by_file[_file_key(self._rfd)] = self
-        except BaseException:
-            self._close_export(None)
-            raise
+    def _read_end(self) -> int:
+        """Return the fence's own read end (made on first use); not a new fd."""
+        if self._rfd < 0:
+            self._rfd, self._wfd = _fence_fd.socketpair()
+            try:
+                _by_file[_fence_fd.file_key(self._rfd)] = self
+            except BaseException:
+                self._close_export(None)
+                raise
+        return self._rfd
+
+    def _watch_fd(self) -> tuple[tuple[object, ...], int, _fence_fd.FdKind]:
+        """Return ``(identity, fd, kind)`` of an fd readable at the signal (not new).
+
+        What a fence array that waits for this fence, or the fence watcher,
+        watches.
+        """
+        fd = self._read_end()
+        return _fence_fd.file_key(fd), fd, "fence"
 
     def _close_export(self, code: int | None) -> None:
         """Finish the write end with ``code`` and close both ends (idempotent)."""
@@ -671,177 +636,15 @@ class Fence:
         self._rfd = self._wfd = -1
         if rfd >= 0:
             try:
-                key = _file_key(rfd)
+                key = _fence_fd.file_key(rfd)
                 if _by_file.get(key) is self:
                     del _by_file[key]
             finally:
                 os.close(rfd)
         if wfd >= 0:
-            _finish(wfd, code)
+            _fence_fd.finish(wfd, code)
 
     def __del__(self) -> None:
         # A pending fence dropped with exported fds: importers see its owner died.
         if getattr(self, "_rfd", -1) >= 0:
             self._close_export(None)
-
-
-@final
-class _ArrayFence(Fence):
-    """``Fence.all`` / ``Fence.any``: the kernel's ``dma_fence_array``."""
-
-    __slots__ = ("_any", "_components", "_pending")
-
-    def __init__(self, fences: tuple[Fence, ...], *, any_: bool) -> None:
-        super().__init__()
-        self._names = _ARRAY_NAMES
-        self._any = any_
-        self._components = fences
-        self._passive = any(f._passive and not f._signaled for f in fences)
-        self._pending = 1 if any_ else len(fences)
-        for fence in fences:
-            if not fence.add_callback(self._component_signaled):
-                self._component_signaled(fence)
-                if self._signaled:
-                    break
-
-    def _component_signaled(self, fence: Fence) -> None:
-        if self._signaled:
-            return
-        if self._error is None:
-            self._error = fence._error
-        self._pending -= 1
-        if not self._pending:
-            self._signal_checked(self._error)
-
-    def _signal(self, err: Exception | None, errors: list[Exception]) -> None:
-        components = self._components
-        self._components = ()
-        if self._any:
-            for other in components:
-                other.remove_callback(self._component_signaled)
-        super()._signal(err, errors)
-
-    def signal(self, error: Exception | int | None = None) -> None:
-        """Refuse: a fence array signals when its components do.
-
-        Raises:
-            InvalidArgument: Always.
-        """
-        raise InvalidArgument(f"{self!r} signals when its components do")
-
-    def _poll(self) -> bool:
-        for fence in self._components:
-            if self._signaled:
-                break
-            if fence._passive:
-                fence._poll()
-        return self._signaled
-
-    async def _drive(self) -> None:
-        pending = [f for f in self._components if not f._signaled]
-        if not self._any:
-            for fence in pending:
-                await fence.wait()
-            return
-
-        async def one(fence: Fence, scope: anyio.CancelScope) -> None:
-            await fence.wait()
-            scope.cancel()
-
-        async with anyio.create_task_group() as tg:
-            for fence in pending:
-                tg.start_soon(one, fence, tg.cancel_scope)
-
-    def _open_export(self) -> None:
-        if not self._passive:
-            super()._open_export()
-            return
-        # Some components signal only when watched: a thread watches their fds
-        # and finishes the write end (ours stays -1: signal() leaves it alone).
-        fds: list[int] = []
-        try:
-            fds.extend(f.export_fd() for f in self._components if not f._signaled)
-            rfd, wfd = _socketpair()
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
-        self._rfd = rfd
-        _by_file[_file_key(rfd)] = self
-        threading.Thread(
-            target=_watch, args=(fds, wfd, self._any), name="fence-watch", daemon=True
-        ).start()
-
-
-@final
-class _ImportedFence(Fence):
-    """A fence known only through an fd: the kernel's ``sync_file``."""
-
-    __slots__ = ("_fd", "_key", "_polling")
-
-    def __init__(self, fd: int, key: tuple[int, int]) -> None:
-        super().__init__()
-        self._names = _IMPORTED_NAMES
-        self._fd = fd
-        self._key = key
-        self._polling = False
-        self._passive = True
-        _by_file[key] = self
-        self._poll()
-
-    def signal(self, error: Exception | int | None = None) -> None:
-        """Refuse: an imported fence is signalled by its owner.
-
-        Raises:
-            InvalidArgument: Always.
-        """
-        raise InvalidArgument(f"{self!r} is signalled by its owner")
-
-    def _poll(self) -> bool:
-        if self._signaled:
-            return True
-        code = _peek(self._fd)
-        if code is not None:
-            self._signal_checked(_error_from_errno(code) if code else None)
-        return self._signaled
-
-    def _signal(self, err: Exception | None, errors: list[Exception]) -> None:
-        super()._signal(err, errors)
-        if not self._polling:
-            self._close_fd()
-
-    def _close_fd(self) -> None:
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            if _by_file.get(self._key) is self:
-                del _by_file[self._key]
-            os.close(fd)
-
-    def export_fd(self) -> int:
-        """Return a new fd for the same fence (a duplicate of the imported one)."""
-        if self._fd >= 0:
-            return dup_cloexec(self._fd)
-        return super().export_fd()
-
-    async def _drive(self) -> None:
-        while not self._poll():
-            if self._polling:
-                # Another task watches the fd: wake when it sees the signal, or
-                # when it is cancelled and one of us must take over.
-                await self._wait_event()
-                continue
-            self._polling = True
-            try:
-                await anyio.wait_readable(self._fd)
-                self._poll()
-            finally:
-                self._polling = False
-                if self._signaled:
-                    self._close_fd()
-                elif self._event is not None:
-                    event, self._event = self._event, None
-                    event.set()
-
-    def __del__(self) -> None:
-        if getattr(self, "_fd", -1) >= 0:
-            self._close_fd()

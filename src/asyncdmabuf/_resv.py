@@ -43,9 +43,11 @@ class Reservation:
         self._fences: list[tuple[Fence, Usage]] = []
 
     def _prune(self) -> list[tuple[Fence, Usage]]:
+        # Every fence is asked (an imported one notices its signal when asked).
         fences = self._fences
-        if any(fence.signaled for fence, _ in fences):
-            fences = self._fences = [(f, u) for f, u in fences if not f._signaled]
+        kept = [(f, u) for f, u in fences if not f.signaled]
+        if len(kept) != len(fences):
+            self._fences = fences = kept
         return fences
 
     def add_fence(self, fence: Fence, usage: Usage) -> None:
@@ -153,6 +155,10 @@ class Reservation:
         Like ``DMA_BUF_IOCTL_EXPORT_SYNC_FILE``: a snapshot, so fences added
         later do not make it busy; with nothing pending it is already
         readable. The caller owns the fd (``O_CLOEXEC``) and closes it.
+
+        With fences of other processes pending, the fd is finished by the
+        process's one fence watcher thread, which holds nothing of it once
+        every holder has closed it; the export adds nothing to the fences.
 
         Raises:
             TypeError: ``mode`` is not a str.
