@@ -21,6 +21,7 @@ import anyio
 import pytest
 
 from asyncdmabuf import Fence, InvalidArgument, _fence, _fence_fd
+from asyncdmabuf._fdkind import ANON_INODE_FS_MAGIC, classify
 
 from .helpers import wait_all_blocked
 
@@ -68,7 +69,7 @@ def test_import_fd_refuses_anonymous_inodes_that_are_not_sync_files(
     eventfd: int,
 ) -> None:
     """eventfd and epoll are anon_inode files too; only the exact sync_file is one."""
-    assert _fence_fd._fs_magic(eventfd) == _fence_fd.ANON_INODE_FS_MAGIC
+    assert classify(eventfd).magic == ANON_INODE_FS_MAGIC
     with select.epoll() as epoll:
         for fd in (eventfd, epoll.fileno()):
             with pytest.raises(InvalidArgument):

@@ -621,7 +621,7 @@ class Fence:
                 raise
         return self._rfd
 
-    def _watch_fd(self) -> tuple[tuple[object, ...], int, _fence_fd.FdKind]:
+    def _watch_fd(self) -> tuple[tuple[object, ...], int, _fence_fd.FenceFdKind]:
         """Return ``(identity, fd, kind)`` of an fd readable at the signal (not new).
 
         What a fence array that waits for this fence, or the fence watcher,

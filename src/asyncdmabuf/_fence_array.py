@@ -30,7 +30,7 @@ from . import _fence_watch
 from ._errors import InvalidArgument, from_oserror
 from ._fd import dup_cloexec
 from ._fence import Fence, Notify, settle
-from ._fence_fd import FdKind, errno_of
+from ._fence_fd import FenceFdKind, errno_of
 from ._fence_watch import LeafKey
 
 __all__ = ["ArrayFence", "leaves", "passive_tree"]
@@ -231,7 +231,7 @@ def passive_tree(root: ArrayFence) -> tuple[_fence_watch.Tree, dict[LeafKey, Fen
     root._poll()
     index: dict[int, int] = {id(root): 0}
     nodes = [_fence_watch.Node(root._any, errno_of(root._error), [])]
-    fds: dict[LeafKey, tuple[int, FdKind]] = {}
+    fds: dict[LeafKey, tuple[int, FenceFdKind]] = {}
     active: dict[LeafKey, Fence] = {}
     active_keys: dict[int, LeafKey] = {}
     stack: list[ArrayFence] = [root]

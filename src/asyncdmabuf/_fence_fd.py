@@ -19,17 +19,16 @@ once signalled; its status (and error) comes from ``SYNC_IOC_FILE_INFO``.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno as _errno
 import fcntl
 import itertools
 import os
 import select
 import socket
-import stat
 import struct
 from typing import Final, Literal
 
+from . import _fdkind
 from ._errors import (
     BadFileDescriptor,
     Busy,
@@ -41,7 +40,7 @@ from ._errors import (
 )
 
 __all__ = [
-    "FdKind",
+    "FenceFdKind",
     "classify",
     "errno_of",
     "error_from_errno",
@@ -62,16 +61,13 @@ _names = itertools.count(1)
 #: Attempts at a free name before giving up (another process may squat some).
 _BIND_ATTEMPTS: Final = 64
 
-ANON_INODE_FS_MAGIC: Final = 0x09041934
-_SYNC_FILE_LINK: Final = "anon_inode:sync_file"
 #: ``struct sync_file_info``: name[32], status, flags, num_fences, pad, fences ptr.
 _SYNC_FILE_INFO: Final = struct.Struct("=32siIIIQ")
 #: ``_IOWR('>', 4, struct sync_file_info)``.
 SYNC_IOC_FILE_INFO: Final = (3 << 30) | (_SYNC_FILE_INFO.size << 16) | (0x3E << 8) | 4
 
-FdKind = Literal["fence", "sync_file"]
-
-_libc = ctypes.CDLL(None, use_errno=True)
+#: What a fence fd is: one of this library's sockets, or a kernel sync_file.
+FenceFdKind = Literal["fence", "sync_file"]
 
 
 # -- errors <-> records -------------------------------------------------------------
@@ -164,23 +160,6 @@ def file_key(fd: int) -> tuple[int, int]:
 # -- what an fd is ------------------------------------------------------------------
 
 
-def _fs_magic(fd: int) -> int | None:
-    """Return ``fstatfs(fd).f_type``, or None if it cannot be read."""
-    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit
-    if _libc.fstatfs(fd, buf) != 0:
-        return None
-    return ctypes.c_long.from_buffer(buf).value  # f_type is the first field
-
-
-def _is_sync_file(fd: int) -> bool:
-    if _fs_magic(fd) != ANON_INODE_FS_MAGIC:
-        return False
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}") == _SYNC_FILE_LINK
-    except OSError:  # no /proc: a sync_file cannot be told apart, so refuse it
-        return False
-
-
 def _is_fence_socket(fd: int) -> bool:
     """Whether socket ``fd`` is a UNIX stream socket bound to a fence name."""
     try:
@@ -198,29 +177,20 @@ def _is_fence_socket(fd: int) -> bool:
     return isinstance(name, bytes) and name.startswith(_NAME_PREFIX)
 
 
-def classify(fd: int) -> FdKind:
-    """Return what kind of fence fd ``fd`` is.
-
-    A private check of its own until the framework's fd classifier
-    (``_fdkind.classify``) is merged; it decides the same way, from the
-    kernel's identity of the file.
+def classify(fd: int) -> FenceFdKind:
+    """Return what kind of fence fd ``fd`` is, from the framework's fd classifier.
 
     Raises:
         BadFileDescriptor: ``fd`` is not open.
         InvalidArgument: It is open but neither a fence fd of this library
             nor a kernel ``sync_file``.
     """
-    try:
-        st = os.fstat(fd)
-    except OSError as exc:
-        if exc.errno == _errno.EBADF:
-            raise BadFileDescriptor(f"fd {fd} is not open") from None
-        raise from_oserror(exc, f"fstat of fd {fd}") from None
-    if stat.S_ISSOCK(st.st_mode):
+    info = _fdkind.classify(fd)
+    if info.kind is _fdkind.FdKind.SOCKET:
         if _is_fence_socket(fd):
             return "fence"
         raise InvalidArgument(f"fd {fd} is a socket, but not a fence's")
-    if _is_sync_file(fd):
+    if info.kind is _fdkind.FdKind.SYNC_FILE:
         return "sync_file"
     raise InvalidArgument(f"fd {fd} is not a fence")
 
@@ -270,7 +240,7 @@ def _sync_file_status(fd: int) -> int | None:
     return -status if -status <= MAX_ERRNO else _errno.EIO
 
 
-def read_status(fd: int, kind: FdKind) -> int | None:
+def read_status(fd: int, kind: FenceFdKind) -> int | None:
     """Return the errno a fence fd signalled with (0: none); None while pending."""
     if kind == "fence":
         return _peek(fd)

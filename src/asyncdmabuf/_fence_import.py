@@ -21,7 +21,7 @@ from . import _fence, _fence_fd
 from ._errors import InvalidArgument
 from ._fd import dup_cloexec
 from ._fence import Fence, settle
-from ._fence_fd import FdKind
+from ._fence_fd import FenceFdKind
 
 __all__ = ["ImportedFence", "import_fence"]
 
@@ -57,11 +57,11 @@ class ImportedFence(Fence):
 
     __slots__ = ("_fd", "_key", "_kind")
 
-    def __init__(self, fd: int, kind: FdKind, key: tuple[object, ...]) -> None:
+    def __init__(self, fd: int, kind: FenceFdKind, key: tuple[object, ...]) -> None:
         super().__init__()
         self._names = _IMPORTED_NAMES
         self._fd = fd
-        self._kind: FdKind = kind
+        self._kind: FenceFdKind = kind
         self._key = key
         self._passive = True
         if kind == "fence":
@@ -109,7 +109,7 @@ class ImportedFence(Fence):
             return dup_cloexec(self._fd)
         return super().export_fd()
 
-    def _watch_fd(self) -> tuple[tuple[object, ...], int, FdKind]:
+    def _watch_fd(self) -> tuple[tuple[object, ...], int, FenceFdKind]:
         if self._fd >= 0:
             return self._key, self._fd, self._kind
         return super()._watch_fd()  # pragma: no cover: signalled leaves are skipped

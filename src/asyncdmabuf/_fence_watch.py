@@ -38,7 +38,7 @@ from typing import Final, final
 from . import _fence_fd
 from ._errors import from_oserror
 from ._fd import dup_cloexec
-from ._fence_fd import FdKind
+from ._fence_fd import FenceFdKind
 
 __all__ = ["LeafKey", "Node", "Tree", "WatcherStatistics", "export", "statistics"]
 
@@ -65,7 +65,7 @@ class Tree:
     """What an export watches: its arrays (``nodes[0]`` is the root) and leaves."""
 
     nodes: list[Node]
-    leaves: dict[LeafKey, tuple[int, FdKind]]
+    leaves: dict[LeafKey, tuple[int, FenceFdKind]]
     """Each imported leaf's fd (the caller's: the watcher duplicates it) and kind.
 
     Leaves of ``nodes`` not in here are active: the caller reports them."""
@@ -87,7 +87,7 @@ class WatcherStatistics:
 class _Leaf:
     __slots__ = ("fd", "key", "kind", "watches")
 
-    def __init__(self, key: LeafKey, fd: int, kind: FdKind) -> None:
+    def __init__(self, key: LeafKey, fd: int, kind: FenceFdKind) -> None:
         self.key = key
         self.fd = fd
         self.kind = kind
