@@ -23,6 +23,7 @@ from asyncdmabuf import (
     Direction,
     DmaBuf,
     DmaBufError,
+    InjectedFault,
     InvalidArgument,
     OutOfMemory,
     SgTable,
@@ -989,3 +990,214 @@ async def test_three_stage_pipeline() -> None:
         assert (stats.memory_in_use, stats.buffers, stats.waiters) == (0, 0, 0)
     assert a.statistics().copies + b.statistics().copies == 3 * len(sizes)
     assert b.statistics().evictions > 0  # queued buffers made room, then came back
+
+
+# -- hardening (issue 12) -----------------------------------------------------------
+
+
+def test_huge_memory_needs_no_page_map() -> None:
+    # 12.14: the allocator's size follows its free extents, not the memory.
+    dev = SimDevice("huge", memory=2**50)
+    assert dev.memory == 2**50
+    assert dev.statistics().memory_total == 2**50
+    assert dev._audit() == []
+
+
+async def test_huge_memory_allocates_from_its_top() -> None:
+    dev = SimDevice("huge", memory=2**50, base_address=0)
+    async with (
+        await dev.allocate(PAGE) as buf,
+        buf.attach(Device("wide")) as att,
+        att.map(BIDI) as sgt,
+    ):
+        assert sgt[0].dma_address == 2**50 - PAGE  # highest pages first
+        assert dev.statistics().memory_in_use == PAGE
+    assert dev.statistics().memory_in_use == 0
+
+
+@pytest.mark.parametrize(
+    ("probability", "error"),
+    [
+        ({"map": "x"}, TypeError),
+        ({"map": True}, TypeError),
+        ({"map": float("nan")}, InvalidArgument),
+        ({"map": -0.1}, InvalidArgument),
+        ({"map": 1.5}, InvalidArgument),
+        ("map", TypeError),
+    ],
+)
+def test_fault_plan_checks_probabilities(probability: Any, error: type) -> None:
+    # 12.14: never a bare ValueError.
+    with pytest.raises(error) as info:
+        FaultPlan(probability=probability)
+    assert type(info.value) is not ValueError
+
+
+def test_vmap_of_something_else_is_a_type_error() -> None:
+    # 12.14: not an AttributeError.
+    with pytest.raises(TypeError):
+        sim(1).vmap("not a buffer")  # type: ignore[arg-type]
+
+
+async def test_vmap_of_another_exporters_buffer_is_invalid() -> None:
+    async with await MemfdExporter().allocate(PAGE) as buf:
+        with pytest.raises(InvalidArgument):
+            sim(1).vmap(buf)
+
+
+async def test_injected_faults_are_injected_faults() -> None:
+    dev = sim(2)
+    dev.inject_fault("allocate")
+    with pytest.raises(OutOfMemory) as oom:
+        await dev.allocate(PAGE)
+    assert isinstance(oom.value, InjectedFault)
+    buf = await dev.allocate(PAGE)
+    dev.inject_fault("attach")
+    with pytest.raises(Busy) as busy:
+        await buf.attach(Device("gpu"))
+    assert isinstance(busy.value, InjectedFault)
+    dev.inject_fault("begin_cpu_access", error=InvalidArgument)
+    with pytest.raises(InvalidArgument) as invalid:
+        async with buf.cpu_access("r"):
+            pass
+    assert isinstance(invalid.value, InjectedFault)
+    dev.inject_fault("begin_cpu_access")
+    with pytest.raises(InjectedFault) as plain:
+        async with buf.cpu_access("r"):
+            pass
+    assert plain.value.errno == errno.EIO
+    await buf.put()
+    assert dev.statistics().faults_injected == 4
+
+
+async def test_contiguous_device_too_short_a_segment_is_named() -> None:
+    # 12.19: the Busy names the constraint that cannot be met.
+    dev = sim(512)
+    narrow = Device("dsp", contiguous=True, max_segment_size=4096)
+    async with await dev.allocate(1 << 20) as buf:
+        with pytest.raises(Busy, match=r"contiguous.*max_segment_size 4096"):
+            await buf.attach(narrow)
+
+
+async def test_mask_too_narrow_is_named() -> None:
+    dev = sim(4)
+    low = Device("low", dma_mask=BASE + PAGE - 1)
+    async with await dev.allocate(2 * PAGE) as buf:
+        with pytest.raises(Busy, match="dma_mask 0x100fff reaches 4096 bytes"):
+            await buf.attach(low)
+
+
+async def test_release_never_waits_and_is_idempotent() -> None:
+    # 12.6: the garbage collector's release is a plain call; once is enough.
+    dev = sim(2)
+    buf = await dev.allocate(PAGE)
+    await write(buf, b"x")
+    assert dev.statistics().memory_in_use == PAGE
+    assert dev.release(buf) is None  # a plain function: nothing to await
+    assert dev.release(buf) is None
+    stats = dev.statistics()
+    assert (stats.memory_in_use, stats.buffers) == (0, 0)
+    await buf.put()  # the framework's release: nothing left to free
+    assert dev.statistics().buffers == 0
+    assert dev._audit() == []
+
+
+def test_undo_ops_are_plain_functions() -> None:
+    import inspect
+
+    for op in ("unmap", "detach", "release", "end_cpu_access"):
+        assert not inspect.iscoroutinefunction(getattr(SimDevice, op)), op
+
+
+def _no_host_memory(frame: object) -> bytes:
+    raise MemoryError
+
+
+async def test_eviction_without_host_memory_fails_cleanly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 12.3: saving an evicted buffer runs out of memory: the map that needed
+    # the room raises OutOfMemory (not MemoryError, no retry loop), the
+    # victim stays resident and intact, and waiters still wake once memory
+    # is freed.
+    from asyncdmabuf.exporters._simdev import eviction
+
+    dev = sim(1)
+    victim = await dev.allocate(PAGE)
+    vatt = await victim.attach(Device("v"), move_notify=lambda _: None)
+    await vatt.unmap(await vatt.map(BIDI))
+    await write(victim, b"keep")
+    other = await dev.allocate(PAGE)
+    oatt = await other.attach(Device("o"))
+    monkeypatch.setattr(eviction, "save_bytes", _no_host_memory)
+    with pytest.raises(OutOfMemory) as info:
+        await oatt.map(BIDI)
+    assert type(info.value) is not MemoryError
+    assert dev.statistics().evictions == 0
+    assert dev._audit() == []
+    assert (await read(victim))[:4] == b"keep"
+    # A waiter whose room could come only from that eviction waits (the
+    # unmap that tried it does not fail), and is served once memory is freed.
+    pin = await victim.attach(Device("pin"))
+    sgt = await pin.map(BIDI)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(map_in_task, oatt)
+        await wait_all_blocked()
+        assert dev.statistics().waiters == 1
+        await pin.unmap(sgt)
+        await pin.detach()  # unpinned: the eviction is tried, and fails
+        await wait_all_blocked()
+        assert dev.statistics().waiters == 1
+        assert dev.statistics().evictions == 0
+        await vatt.detach()
+        await victim.put()  # freed: the waiter is served
+    (sgt,) = oatt.mappings
+    await drop(other, oatt, sgt)
+    assert dev.statistics().memory_in_use == 0
+    assert dev._audit() == []
+
+
+RLIMIT_CHILD = """
+import resource, anyio
+from asyncdmabuf import Device, Direction, OutOfMemory
+from asyncdmabuf.exporters import SimDevice
+
+SIZE = 512 << 20
+
+async def main():
+    dev = SimDevice("big", memory=SIZE, page_size=1 << 20)
+    big = await dev.allocate(SIZE)
+    att = await big.attach(Device("d"), move_notify=lambda _: None)
+    await att.unmap(await att.map(Direction.BIDIRECTIONAL))
+    with open("/proc/self/status") as f:
+        vm = next(int(l.split()[1]) for l in f if l.startswith("VmSize"))
+    limit = vm * 1024 + (64 << 20)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(
+        resource.RLIMIT_AS)[1]))
+    other = await dev.allocate(SIZE)
+    oatt = await other.attach(Device("e"))
+    try:
+        await oatt.map(Direction.BIDIRECTIONAL)
+    except OutOfMemory as exc:
+        assert type(exc) is not MemoryError
+        print("OutOfMemory", dev.statistics().evictions, dev._audit())
+    resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY,) * 2)
+    await oatt.detach(); await att.detach(); await other.put(); await big.put()
+
+anyio.run(main)
+"""
+
+
+def test_eviction_under_rlimit_as_raises_out_of_memory() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", RLIMIT_CHILD],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["OutOfMemory", "0", "[]"]

@@ -71,7 +71,7 @@ class Memory:
         self.waiting = 0
         #: The head's request, while a task holds the turn.
         self._head: _Head | None = None
-        #: Where the head waits for its pages (or the error that ends its wait).
+        #: Where the head waits for its pages.
         self._turn = WaitQueue(on_abandon=self._abandoned_pages)
         #: Where the others wait for the turn.
         self._queue = WaitQueue(on_abandon=self._abandoned_turn)
@@ -230,8 +230,6 @@ class Memory:
                 runs = self.reserve(need, st) if must_queue else None
                 if runs is None:
                     value = await self._turn.park()
-                    if isinstance(value, BaseException):
-                        raise value
                     assert isinstance(value, tuple)
                     runs = value
                 return runs
@@ -243,6 +241,10 @@ class Memory:
 
     def dispatch(self) -> None:
         """Serve the head if memory now holds its request (call after freeing).
+
+        An eviction that fails (no host memory to save a victim in) leaves the
+        head waiting for memory to be freed some other way: it is tried again
+        at the next free, never in a loop.
 
         Raises:
             Exception: The first error a ``move_notify`` callback raised; the
@@ -262,9 +264,8 @@ class Memory:
                 self._redispatch = False
                 try:
                     runs = self.reserve(head.need, head.buffer)
-                except EvictionFailed as exc:
-                    self._turn.unpark(exc)  # the waiting map fails with it
-                    break
+                except EvictionFailed:
+                    break  # no room this time: the head waits for a free
                 except Exception as exc:  # re-raised below; the eviction is done
                     errors.append(exc)
                     continue
