@@ -31,6 +31,7 @@ from ._share import (
     receive_buffer_with_info,
     send_buffer,
 )
+from ._stats import DeviceStatistics
 
 __all__ = [
     "Attachment",
@@ -41,6 +42,7 @@ __all__ = [
     "Busy",
     "CpuMode",
     "Device",
+    "DeviceStatistics",
     "Direction",
     "DmaBuf",
     "DmaBufError",
