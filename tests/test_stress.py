@@ -425,3 +425,20 @@ def test_stress_runs_where_sniffio_cannot_be_imported(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "every invariant held" in done.stdout
+
+
+def test_bench_imports_its_benchmarks_as_a_package_and_calls_rows() -> None:
+    from asyncdmabuf._bench import BENCHMARKS, load_benchmark
+
+    folder = find_benchmarks()
+    assert folder is not None
+    path_before = list(sys.path)
+    for _, name in BENCHMARKS:
+        if name is None:
+            continue
+        if name == "bench_cpu":
+            pytest.importorskip("numpy")
+        module = load_benchmark(folder, name)
+        assert module.__name__ == f"benchmarks.{name}"
+        assert callable(module.rows)  # public: the only thing bench calls
+    assert sys.path == path_before
