@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import itertools
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -1201,3 +1202,61 @@ def test_eviction_under_rlimit_as_raises_out_of_memory() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["OutOfMemory", "0", "[]"]
+
+
+def _reference_find(
+    free: bytearray, npages: int, limit: int, contiguous: bool
+) -> tuple[tuple[int, int], ...] | None:
+    """The old page-map search, one byte per page, as the allocator's oracle."""
+    if contiguous:
+        first = free.rfind(b"\x01" * npages, 0, limit)
+        return None if first < 0 else ((first, npages),)
+    runs: list[tuple[int, int]] = []
+    remaining, end = npages, limit
+    while remaining:
+        top = free.rfind(1, 0, end)
+        if top < 0:
+            return None
+        start = free.rfind(0, 0, top) + 1
+        take = min(top + 1 - start, remaining)
+        runs.append((top + 1 - take, take))
+        remaining -= take
+        end = start
+    return tuple(reversed(runs))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(1, 12), st.integers(1, 64), st.booleans(), st.integers(0, 9)
+        ),
+        max_size=60,
+    )
+)
+def test_page_allocator_agrees_with_a_page_map(
+    steps: list[tuple[int, int, bool, int]],
+) -> None:
+    from asyncdmabuf.exporters._simdev.pages import PageAllocator
+
+    npages = 64
+    pages = PageAllocator(npages)
+    model = bytearray(b"\x01" * npages)
+    held: list[tuple[tuple[int, int], ...]] = []
+    for size, limit, contiguous, free_index in steps:
+        if held and free_index < 3:
+            runs = held.pop(free_index % len(held))
+            pages.give(runs)
+            for first, count in runs:
+                model[first : first + count] = b"\x01" * count
+        found = pages.find(size, limit, contiguous)
+        assert found == _reference_find(model, size, limit, contiguous)
+        if found is not None:
+            pages.take(found)
+            for first, count in found:
+                model[first : first + count] = bytes(count)
+            held.append(found)
+        assert pages.free_pages == model.count(1)
+        extents = pages.extents()
+        assert sum(end - start for start, end in extents) == pages.free_pages
+        assert all(a[1] < b[0] for a, b in itertools.pairwise(extents))
