@@ -30,6 +30,7 @@ from rich.table import Table
 
 from asyncdmabuf import Fence
 from asyncdmabuf._backends import BACKENDS
+from asyncdmabuf._bench import Row, backend_available, fmt_us, goal_le
 
 CHILD = r"""
 import os, socket, struct, sys, time
@@ -153,6 +154,36 @@ async def _cross_process(repeat: int) -> tuple[list[float], list[float]]:
 def _percentiles(times: list[float]) -> tuple[float, float]:
     times = sorted(times)
     return statistics.median(times), times[int(len(times) * 0.9)]
+
+
+def rows(quick: bool) -> list[Row]:
+    """The figures ``asyncdmabuf bench`` shows for this benchmark."""
+    rows = []
+    for label, (backend, options) in BACKENDS.items():
+        if not backend_available(label):
+            continue
+        results: list[tuple[int, float, float]] = anyio.run(
+            _in_process,
+            [100],
+            10 if quick else 50,
+            backend=backend,
+            backend_options=options,
+        )
+        for n, fence_t, event_t in results:
+            ratio = fence_t / event_t
+            goal, met = goal_le(ratio, 1.5)
+            rows.append(
+                Row(
+                    "fence vs Event",
+                    f"{label}: signal() waking {n} waiters",
+                    fmt_us(fence_t),
+                    fmt_us(event_t),
+                    ratio,
+                    goal,
+                    met,
+                )
+            )
+    return rows
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from asyncdmabuf import BufferPool, DmaBuf
+from asyncdmabuf._bench import Row, fmt_us
 from asyncdmabuf.exporters import MemfdExporter
 
 SIZES = (64 << 10, 1 << 20, 16 << 20)
@@ -70,6 +71,23 @@ async def measure_all(sizes: tuple[int, ...], n: int, rounds: int) -> list[PoolR
     """Measure every size, fewer round trips for big buffers."""
     return [
         await measure(size, max(2, n * (64 << 10) // size), rounds) for size in sizes
+    ]
+
+
+def rows(quick: bool) -> list[Row]:
+    """The figures ``asyncdmabuf bench`` shows for this benchmark."""
+    results = anyio.run(measure_all, SIZES, 50 if quick else 200, 3)
+    return [
+        Row(
+            "buffer pool",
+            f"{r.size >> 10} KiB: pooled get+fill+give back vs fresh",
+            fmt_us(r.pooled),
+            fmt_us(r.fresh),
+            r.speedup,
+            "> 1x",
+            r.speedup > 1.0,
+        )
+        for r in results
     ]
 
 

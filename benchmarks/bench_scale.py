@@ -33,6 +33,7 @@ from rich.table import Table
 import asyncdmabuf as dmabuf
 from asyncdmabuf import Attachment, Direction, DmaBuf, Exporter, SgEntry, SgTable
 from asyncdmabuf._backends import BACKENDS
+from asyncdmabuf._bench import Row
 from asyncdmabuf._stress import StressConfig, run_stress
 from asyncdmabuf.exporters import SimDevice
 
@@ -161,6 +162,24 @@ async def footprints(n: int) -> list[Footprint]:
 async def scaling(tasks: tuple[int, ...], ops: int) -> list[Throughput]:
     """Throughput at each task count, 1,000 buffers (fewer if fewer tasks)."""
     return [await throughput(t, 1_000, ops) for t in tasks]
+
+
+def rows(quick: bool) -> list[Row]:
+    """The figures ``asyncdmabuf bench`` shows for this benchmark."""
+    results = anyio.run(scaling, TASKS, 10_000 if quick else 50_000)
+    base = results[0]
+    return [
+        Row(
+            "scale",
+            f"{r.tasks:,} tasks over 1,000 buffers: ops/s",
+            f"{r.ops_per_second:,.0f}/s",
+            f"{base.ops_per_second:,.0f}/s",
+            r.ops_per_second / base.ops_per_second,
+            ">= 0.5x",
+            r.ok and r.ops_per_second >= 0.5 * base.ops_per_second,
+        )
+        for r in results
+    ]
 
 
 def main() -> None:

@@ -39,6 +39,7 @@ from rich.table import Table
 
 import asyncdmabuf as dmabuf
 from asyncdmabuf._backends import BACKENDS
+from asyncdmabuf._bench import Row, fmt_us, goal_le
 from asyncdmabuf.exporters import MemfdExporter
 
 KIB = 1 << 10
@@ -202,6 +203,51 @@ def time_pickle(sizes: list[int], reps: Callable[[int], int]) -> list[list[float
     mine.send(None)
     peer.join()
     return results
+
+
+def rows(quick: bool) -> list[Row]:
+    """The figures ``asyncdmabuf bench`` shows for this benchmark."""
+    sizes = [4 << 10, 1 << 20] if quick else [4 << 10, 1 << 20, 64 << 20]
+
+    def reps(size: int) -> int:
+        return 20 if quick else 100
+
+    def copy_reps(size: int) -> int:
+        return 5 if size > 1 << 20 else (20 if quick else 50)
+
+    ours = time_dmabuf(sizes, reps, "asyncio")
+    shm = time_shm(sizes, reps)
+    pickled = time_pickle(sizes, copy_reps)
+    rows = []
+    median = statistics.median
+    for i, size in enumerate(sizes):
+        label = human(size)
+        mine = median(ours[i])
+        ratio = mine / median(shm[i])
+        goal, met = goal_le(ratio, 2.0)
+        rows.append(
+            Row(
+                "hand-off",
+                f"{label}: send_buffer vs shared_memory by name",
+                fmt_us(mine),
+                fmt_us(median(shm[i])),
+                ratio,
+                goal,
+                met,
+            )
+        )
+        rows.append(
+            Row(
+                "hand-off",
+                f"{label}: send_buffer vs pickle through a Pipe",
+                fmt_us(mine),
+                fmt_us(median(pickled[i])),
+                mine / median(pickled[i]),
+                "",
+                None,
+            )
+        )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
-from asyncdmabuf import Exporter, InvalidArgument
+from asyncdmabuf import Exporter, InjectedFault, InvalidArgument
 
 from ._dmaheap import DmaHeapExporter
+from ._faults import FAULT_OPS, Fault, FaultOp, FaultPlan
 from ._memfd import MemfdExporter, import_fd
-from ._simdev import Fault, FaultOp, FaultPlan, SimDevice, SimStatistics
+from ._simdev import SimDevice, SimStatistics
 
 __all__ = [
+    "FAULT_OPS",
     "DmaHeapExporter",
     "Fault",
     "FaultOp",
     "FaultPlan",
+    "InjectedFault",
     "MemfdExporter",
     "SimDevice",
     "SimStatistics",

@@ -13,9 +13,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, final, get_args
 
-from asyncdmabuf import Busy, DmaBufError, InvalidArgument, OutOfMemory
+from asyncdmabuf import Busy, DmaBufError, InjectedFault, InvalidArgument, OutOfMemory
+from asyncdmabuf.lowlevel import check_int, check_number
 
-__all__ = ["FAULT_OPS", "Fault", "FaultOp", "FaultPlan", "Injector"]
+__all__ = ["FAULT_OPS", "Fault", "FaultOp", "FaultPlan", "InjectedFault", "Injector"]
 
 #: The operations a fault can be injected into. ``"backing"`` is the late
 #: allocation of a buffer's pages (first map, restore after eviction, or CPU
@@ -32,12 +33,37 @@ FaultOp = Literal[
     "end_cpu_access",
     "copy",
 ]
-FAULT_OPS: frozenset[str] = frozenset(get_args(FaultOp))
+#: :data:`FaultOp`'s names, in its order: the one list of fault ops.
+FAULT_OPS: tuple[FaultOp, ...] = get_args(FaultOp)
+
+
+_INJECTED: dict[type[DmaBufError], type[InjectedFault]] = {}
+
+
+def injected(error: type[DmaBufError]) -> type[InjectedFault]:
+    """Return the class of an injected fault that is also an ``error``.
+
+    ``except OutOfMemory`` catches an injected ``OutOfMemory`` as it would a
+    real one, and ``isinstance(exc, InjectedFault)`` tells it was injected.
+    """
+    if issubclass(error, InjectedFault):
+        return error
+    cls = _INJECTED.get(error)
+    if cls is None:
+        cls = _INJECTED[error] = type(
+            f"Injected{error.__name__}", (InjectedFault, error), {}
+        )
+    return cls
+
 
 #: What an injected fault raises unless told otherwise; other ops raise
-#: ``DmaBufError`` with ``errno`` EIO.
-_DEFAULT_ERRORS: Mapping[str, type[Exception]] = types.MappingProxyType(
-    {"allocate": OutOfMemory, "backing": OutOfMemory, "attach": Busy}
+#: :class:`~asyncdmabuf.InjectedFault` itself (``errno`` EIO).
+_DEFAULT_ERRORS: Mapping[str, type[InjectedFault]] = types.MappingProxyType(
+    {
+        "allocate": injected(OutOfMemory),
+        "backing": injected(OutOfMemory),
+        "attach": injected(Busy),
+    }
 )
 
 
@@ -52,7 +78,9 @@ class Fault:
             :meth:`SimDevice.inject_fault` otherwise); 1 is the next call.
         error: The exception class to raise, called with a message; None for
             the op's default: ``OutOfMemory`` for ``"allocate"`` and
-            ``"backing"``, ``Busy`` for ``"attach"``, ``DmaBufError`` (EIO) else.
+            ``"backing"``, ``Busy`` for ``"attach"``, ``InjectedFault`` (EIO)
+            else. A :class:`~asyncdmabuf.DmaBufError` subclass is raised as an
+            :class:`~asyncdmabuf.InjectedFault` too; any other class as is.
 
     Raises:
         InvalidArgument: ``op`` names no operation, or ``nth`` is below 1.
@@ -64,12 +92,8 @@ class Fault:
     error: type[Exception] | None = None
 
     def __post_init__(self) -> None:
-        if self.op not in FAULT_OPS:
-            raise InvalidArgument(f"no operation {self.op!r} to inject a fault into")
-        if not isinstance(self.nth, int) or isinstance(self.nth, bool):
-            raise TypeError(f"nth must be an int, not {type(self.nth).__name__}")
-        if self.nth < 1:
-            raise InvalidArgument(f"nth must be >= 1, got {self.nth}")
+        _check_op(self.op)
+        check_int(self.nth, "nth", 1)
         if self.error is not None and not (
             isinstance(self.error, type) and issubclass(self.error, Exception)
         ):
@@ -87,22 +111,23 @@ class FaultPlan:
 
     Raises:
         InvalidArgument: An unknown operation, or a probability outside [0, 1].
-        TypeError: A script item is not a :class:`Fault`.
+        TypeError: ``probability`` is not a mapping, a probability not a
+            number, or a script item not a :class:`Fault`.
     """
 
     probability: Mapping[FaultOp, float] = field(default_factory=dict)
     script: Sequence[Fault] = ()
 
     def __post_init__(self) -> None:
+        if not isinstance(self.probability, Mapping):
+            raise TypeError(
+                "probability must be a mapping of operation to probability, "
+                f"not {type(self.probability).__name__}"
+            )
         probability: dict[FaultOp, float] = {}
-        for op, p in dict(self.probability).items():
-            if op not in FAULT_OPS:
-                raise InvalidArgument(f"no operation {op!r} to inject a fault into")
-            if isinstance(p, bool) or not isinstance(p, int | float):
-                raise TypeError(f"probability of {op!r} must be a number")
-            if not 0.0 <= p <= 1.0:
-                raise InvalidArgument(f"probability of {op!r} must be in [0, 1]")
-            probability[op] = float(p)
+        for op, p in self.probability.items():
+            _check_op(op)
+            probability[op] = check_number(p, f"probability of {op!r}", 0.0, 1.0)
         script = tuple(self.script)
         for fault in script:
             if not isinstance(fault, Fault):
@@ -122,7 +147,7 @@ class Injector:
         self.probability: dict[str, float] = {
             op: p for op, p in plan.probability.items()
         }
-        self.calls = dict.fromkeys(FAULT_OPS, 0)
+        self.calls: dict[str, int] = dict.fromkeys(FAULT_OPS, 0)
         self.armed: list[tuple[str, int, type[Exception] | None]] = []
         self.injected = 0
         for fault in plan.script:
@@ -145,5 +170,16 @@ class Injector:
         if not hit:
             return None
         self.injected += 1
-        cls = error or _DEFAULT_ERRORS.get(op, DmaBufError)
+        cls: type[Exception]
+        if error is None:
+            cls = _DEFAULT_ERRORS.get(op, InjectedFault)
+        elif issubclass(error, DmaBufError):
+            cls = injected(error)
+        else:
+            cls = error
         return cls(f"injected fault in {op} ({what}), call {call}")
+
+
+def _check_op(op: object) -> None:
+    if op not in FAULT_OPS:
+        raise InvalidArgument(f"no operation {op!r} to inject a fault into")

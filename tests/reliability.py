@@ -143,26 +143,9 @@ def assert_quiet(*bufs: DmaBuf) -> None:
 
 def assert_sim_exact(dev: SimDevice) -> None:
     """The device's counters agree with its buffers, page for page."""
-    s = dev._sim
     stats = dev.statistics()
     assert stats.waiters == 0, f"{stats.waiters} memory waiters left"
-    resident_pages = 0
-    pinned_pages = 0
-    for st in s.resident:
-        assert st.runs is not None
-        assert sum(count for _, count in st.runs) == st.npages
-        assert st.busy == 0, "a map left its buffer marked busy"
-        resident_pages += st.npages
-        if st.pinned:
-            pinned_pages += st.npages
-    assert s.free_pages == s.free.count(1)
-    assert s.npages - s.free_pages == resident_pages, (
-        f"{s.npages - s.free_pages} pages taken, {resident_pages} resident"
-    )
-    assert stats.memory_in_use == resident_pages * s.page_size
-    assert stats.memory_pinned == pinned_pages * s.page_size
-    assert not s.evicting
-    assert not s.dispatching
+    assert dev._audit() == []
 
 
 # -- exporters -----------------------------------------------------------------------

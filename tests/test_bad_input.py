@@ -274,7 +274,7 @@ async def test_tables_of_other_attachments() -> None:
     await a.unmap(sgt)
     await _unchanged(lambda: a.unmap(sgt), InvalidArgument, errno.EINVAL)
     dev = SimDevice("sim", memory=16 * PAGE)
-    d = await one.attach(dev)
+    d = await one.attach(dev.device)
     foreign = await b.map(Direction.BIDIRECTIONAL)
     mine = await d.map(Direction.BIDIRECTIONAL)
     await _unchanged(lambda: dev.copy(foreign, mine), InvalidArgument, errno.EINVAL)

@@ -675,19 +675,16 @@ class SimCopy(Scenario):
         self.dst = await self.dev.allocate(PAGE)
         async with self.src.cpu_access("w") as view:
             view[:] = b"s" * PAGE
-        self.src_att = await self.src.attach(self.dev)
-        self.dst_att = await self.dst.attach(self.dev)
+        self.src_att = await self.src.attach(self.dev.device)
+        self.dst_att = await self.dst.attach(self.dev.device)
         self.src_sgt = await self.src_att.map(Direction.TO_DEVICE)
         self.dst_sgt = await self.dst_att.map(Direction.FROM_DEVICE)
-        self.dev._sim.engine = anyio.Lock()
 
     def run(self) -> Coroutine[Any, Any, object]:
         return self.dev.copy(self.src_sgt, self.dst_sgt)
 
     async def contend(self) -> None:
-        engine = self.dev._sim.engine
-        assert engine is not None
-        async with engine:
+        async with self.dev._engine.lock:
             await blocked()
 
     async def cancelled(self) -> None:

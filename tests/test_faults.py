@@ -365,7 +365,7 @@ async def _sim_backing_cpu(dev: SimDevice) -> None:
 
 async def _sim_backing_restore(dev: SimDevice) -> None:
     """Evicted, then the restore at the next map fails: the bytes survive."""
-    dev._sim.faults.armed.clear()  # the fault goes to the restore, below
+    dev._faults.armed.clear()  # the fault goes to the restore, below
     buf, att = await _sim_world(dev, dynamic=True)
     sgt = await att.map(BIDI)
     async with buf.cpu_access("w") as view:
@@ -501,8 +501,8 @@ async def _sim_copy(dev: SimDevice) -> None:
     dst = await dev.allocate(PAGE)
     async with src.cpu_access("w") as view:
         view[:] = b"s" * PAGE
-    a = await src.attach(dev)
-    b = await dst.attach(dev)
+    a = await src.attach(dev.device)
+    b = await dst.attach(dev.device)
     ssgt = await a.map(Direction.TO_DEVICE)
     dsgt = await b.map(Direction.FROM_DEVICE)
     with pytest.raises(DmaBufError):

@@ -154,8 +154,8 @@ async def _pipeline() -> None:
             seen.append((anyio.current_time(), bytes(view[:4])))
 
     async with (
-        src.attach(dev) as sa,
-        dst.attach(dev) as da,
+        src.attach(dev.device) as sa,
+        dst.attach(dev.device) as da,
         sa.map(Direction.TO_DEVICE) as s,
         da.map(Direction.FROM_DEVICE) as d,
     ):

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import itertools
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +24,7 @@ from asyncdmabuf import (
     Direction,
     DmaBuf,
     DmaBufError,
+    InjectedFault,
     InvalidArgument,
     OutOfMemory,
     SgTable,
@@ -74,7 +76,7 @@ def sim(memory_pages: int = 8, **kwargs: Any) -> SimDevice:
 async def pinned(dev: SimDevice, size: int) -> tuple[DmaBuf, Attachment, SgTable]:
     """A buffer of ``dev`` mapped by a static attachment: pinned until detach."""
     buf = await dev.allocate(size)
-    att = await buf.attach(dev)
+    att = await buf.attach(dev.device)
     return buf, att, await att.map(BIDI)
 
 
@@ -137,7 +139,7 @@ async def test_allocate_late_and_zeroed() -> None:
     assert dev.statistics().memory_in_use == 0  # nothing until the first map
     with pytest.raises(InvalidArgument):
         dev.vmap(buf)
-    async with buf.attach(dev) as att, att.map(BIDI) as sgt:
+    async with buf.attach(dev.device) as att, att.map(BIDI) as sgt:
         check_table(sgt, dev)
         stats = dev.statistics()
         assert stats.memory_in_use == stats.memory_pinned == 2 * PAGE
@@ -164,25 +166,24 @@ async def test_allocate_checks_and_checkpoints() -> None:
     assert dev.statistics().buffers == 0
 
 
-def test_simdevice_is_a_device_by_identity() -> None:
+def test_simdevice_holds_its_device() -> None:
     a = SimDevice("gpu", 16 * PAGE, dma_mask=2**32 - 1, contiguous=True)
     b = SimDevice("gpu", 16 * PAGE, dma_mask=2**32 - 1, contiguous=True)
-    assert isinstance(a, Device)
-    assert a == a
-    assert a != b
+    assert not isinstance(a, Device)  # it holds one, by composition
+    assert a.device == Device("gpu", dma_mask=2**32 - 1, contiguous=True)
+    assert a.device == b.device  # Device's own equality, by field
+    assert a != b  # two SimDevices are two memories
     assert len({a, b}) == 2
     assert a.name == "gpu"
     assert SimDevice.name == "simdev"  # as an exporter class, like MemfdExporter
-    assert a.dma_mask == 2**32 - 1
-    assert a.contiguous
     assert a.memory == 16 * PAGE
     assert "gpu" in repr(a)
     stats = a.statistics()
     assert isinstance(stats, SimStatistics)
     with pytest.raises(dataclasses.FrozenInstanceError):
         stats.memory_in_use = 1  # type: ignore[misc]
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        a.name = "other"  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        a.device = Device("other")  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(
@@ -217,7 +218,7 @@ async def test_waiters_wake_in_fifo_order() -> None:
 
     async def user(name: str) -> None:
         buf = await dev.allocate(PAGE, name=name)
-        async with buf, buf.attach(dev) as att, att.map(BIDI):
+        async with buf, buf.attach(dev.device) as att, att.map(BIDI):
             order.append(name)
 
     async with anyio.create_task_group() as tg:
@@ -242,7 +243,7 @@ async def test_waiters_are_strictly_fifo() -> None:
 
     async def user(name: str, size: int) -> None:
         buf = await dev.allocate(size, name=name)
-        async with buf, buf.attach(dev) as att, att.map(BIDI):
+        async with buf, buf.attach(dev.device) as att, att.map(BIDI):
             order.append(name)
             await done[name].wait()
 
@@ -255,7 +256,7 @@ async def test_waiters_are_strictly_fifo() -> None:
         assert stats.waiters == 2
         assert stats.memory_in_use == PAGE  # a page is free, yet small waits
         other = await dev.allocate(PAGE)
-        async with other.attach(dev) as att:
+        async with other.attach(dev.device) as att:
             with pytest.raises(Busy), no_checkpoints():
                 att.try_map(BIDI)  # no barging past the waiters either
         await other.put()
@@ -286,7 +287,7 @@ async def test_try_map_busy_whenever_map_would_wait() -> None:
     dev = sim(2)
     hog, hog_att, hog_sgt = await pinned(dev, 2 * PAGE)
     buf = await dev.allocate(PAGE)
-    att = await buf.attach(dev)
+    att = await buf.attach(dev.device)
     before = dev.statistics()
 
     # Memory full of pinned buffers.
@@ -321,7 +322,7 @@ async def test_try_map_busy_with_latency_pending() -> None:
         dev = sim(2, **kwargs)
         async with (
             await dev.allocate(PAGE) as buf,
-            buf.attach(dev) as att,
+            buf.attach(dev.device) as att,
         ):
             with pytest.raises(Busy), no_checkpoints():
                 att.try_map(BIDI)  # would wait for the latency
@@ -340,7 +341,7 @@ async def test_try_map_busy_while_evicting() -> None:
     dev = sim(1)
     seen: list[type[BaseException]] = []
     other = await dev.allocate(PAGE)
-    other_att = await other.attach(dev)
+    other_att = await other.attach(dev.device)
 
     def notify(att: Attachment) -> None:
         try:
@@ -349,7 +350,7 @@ async def test_try_map_busy_while_evicting() -> None:
             seen.append(type(exc))
 
     victim = await dev.allocate(PAGE)
-    async with victim.attach(dev, move_notify=notify) as vatt:
+    async with victim.attach(dev.device, move_notify=notify) as vatt:
         await vatt.unmap(await vatt.map(BIDI))
         with no_checkpoints():
             sgt = other_att.try_map(BIDI)  # evicts the victim; its callback
@@ -361,7 +362,7 @@ async def test_try_map_busy_while_evicting() -> None:
 
 async def test_map_always_checkpoints() -> None:
     dev = sim(2)
-    async with await dev.allocate(PAGE) as buf, buf.attach(dev) as att:
+    async with await dev.allocate(PAGE) as buf, buf.attach(dev.device) as att:
         for _ in range(2):  # not resident yet, then resident
             with anyio.CancelScope() as scope:
                 scope.cancel()
@@ -384,7 +385,7 @@ async def test_cancelled_wait_for_memory_leaves_no_reservation() -> None:
     dev = sim(2)
     hog, hog_att, hog_sgt = await pinned(dev, 2 * PAGE)
     buf = await dev.allocate(PAGE)
-    att = await buf.attach(dev)
+    att = await buf.attach(dev.device)
     before = dev.statistics()
     with anyio.move_on_after(3600) as scope:
         async with anyio.create_task_group() as tg:
@@ -419,7 +420,7 @@ async def test_cancelled_wait_for_memory_leaves_no_reservation() -> None:
 @on_mock_clock()
 async def test_cancelled_latency_leaves_no_reservation() -> None:
     dev = sim(4, alloc_latency=2.0, map_latency=1.0)
-    async with await dev.allocate(2 * PAGE) as buf, buf.attach(dev) as att:
+    async with await dev.allocate(2 * PAGE) as buf, buf.attach(dev.device) as att:
         start = anyio.current_time()
         with anyio.move_on_after(1.0):
             await att.map(BIDI)  # cancelled half-way through allocating
@@ -439,14 +440,52 @@ async def test_cancelled_latency_leaves_no_reservation() -> None:
 @on_mock_clock()
 async def test_latency_runs_on_the_clock() -> None:
     dev = sim(4, alloc_latency=0.5, map_latency=0.25)
-    async with await dev.allocate(PAGE) as buf, buf.attach(dev) as att:
+    async with await dev.allocate(PAGE) as buf, buf.attach(dev.device) as att:
         start = anyio.current_time()
         sgt = await att.map(BIDI)
         assert anyio.current_time() - start == pytest.approx(0.75)
         await att.unmap(sgt)
         start = anyio.current_time()
-        await att.unmap(await att.map(BIDI))
-        assert anyio.current_time() - start == pytest.approx(0.25)
+        await att.unmap(await att.map(BIDI))  # resident and mapped before
+        assert anyio.current_time() == start
+
+
+@on_mock_clock()
+async def test_map_latency_once_per_residency_then_try_map_serves() -> None:
+    # The map latency is the cost of setting up a backing's mapping each time
+    # it becomes resident: later maps, by any attachment, are immediate, and
+    # try_map serves them (issue 12.20).
+    dev = sim(1, map_latency=0.25)
+    gpu = Device("gpu")
+    buf = await dev.allocate(PAGE)
+    att = await buf.attach(gpu, move_notify=lambda _: None)
+    with pytest.raises(Busy, match="not mapped since it became resident"):
+        att.try_map(BIDI)
+    start = anyio.current_time()
+    await att.unmap(await att.map(BIDI))
+    assert anyio.current_time() - start == pytest.approx(0.25)
+    other = await buf.attach(Device("other"))
+    with no_checkpoints():
+        sgt = other.try_map(BIDI)  # another attachment, same resident backing
+    await other.unmap(sgt)
+    await other.detach()
+    # Evicted, then resident again: the first map pays again.
+    hog = await dev.allocate(PAGE)
+    async with hog.attach(gpu) as hog_att:
+        await hog_att.unmap(await hog_att.map(BIDI))
+        assert dev.statistics().evictions == 1
+    await hog.put()
+    with pytest.raises(Busy, match="not mapped since"):
+        att.try_map(BIDI)
+    start = anyio.current_time()
+    await att.unmap(await att.map(BIDI))
+    assert anyio.current_time() - start == pytest.approx(0.25)
+    with no_checkpoints():
+        sgt = att.try_map(BIDI)
+    await att.unmap(sgt)
+    await att.detach()
+    await buf.put()
+    assert dev.statistics().memory_in_use == 0
 
 
 # -- pinning and eviction ---------------------------------------------------------
@@ -520,9 +559,9 @@ async def test_move_notify_error_propagates_after_the_move() -> None:
 
     victim = await dev.allocate(PAGE)
     await write(victim, b"kept")
-    vatt = await victim.attach(dev, move_notify=buggy)
+    vatt = await victim.attach(dev.device, move_notify=buggy)
     other = await dev.allocate(PAGE)
-    oatt = await other.attach(dev)
+    oatt = await other.attach(dev.device)
     with pytest.raises(RuntimeError, match="importer bug"):
         await oatt.map(BIDI)  # the eviction is done, the map is not
     stats = dev.statistics()
@@ -539,7 +578,7 @@ async def test_pinned_buffers_are_never_evicted() -> None:
     hog, hog_att, hog_sgt = await pinned(dev, PAGE)
     await hog_att.unmap(hog_sgt)  # static: still pinned until detach
     buf = await dev.allocate(2 * PAGE)
-    att = await buf.attach(dev)
+    att = await buf.attach(dev.device)
     with pytest.raises(Busy):
         att.try_map(BIDI)
     async with anyio.create_task_group() as tg:
@@ -620,7 +659,7 @@ async def test_constraints_across_devices(
                 continue
             other = await dev.allocate(other_size)
             bufs.append(other)
-            oatt = await other.attach(dev)
+            oatt = await other.attach(dev.device)
             with contextlib.suppress(Busy):
                 sgt = oatt.try_map(BIDI)
                 tables.append(sgt)
@@ -762,7 +801,7 @@ async def run_random_faults(seed: int) -> tuple[list[str], SimStatistics]:
             continue
         live.append(buf)
         try:
-            att = await buf.attach(dev, move_notify=None if step % 2 else print)
+            att = await buf.attach(dev.device, move_notify=None if step % 2 else print)
             src = await att.map(BIDI)
             dst = att.try_map(BIDI) if step % 4 else await att.map(BIDI)
             await dev.copy(src, dst)
@@ -814,9 +853,9 @@ async def test_copy_checks_its_tables() -> None:
     async with (
         await heap.allocate(PAGE) as a,
         await dev.allocate(PAGE) as b,
-        a.attach(dev) as aatt,
-        b.attach(dev) as batt,
-        b.attach(other) as oatt,
+        a.attach(dev.device) as aatt,
+        b.attach(dev.device) as batt,
+        b.attach(other.device) as oatt,
         aatt.map(Direction.TO_DEVICE) as src,
         batt.map(Direction.FROM_DEVICE) as dst,
         oatt.map(BIDI) as foreign,
@@ -847,8 +886,8 @@ async def test_copy_latency_and_bandwidth() -> None:
     async with (
         await dev.allocate(4 * PAGE) as a,
         await dev.allocate(4 * PAGE) as b,
-        a.attach(dev) as aatt,
-        b.attach(dev) as batt,
+        a.attach(dev.device) as aatt,
+        b.attach(dev.device) as batt,
         aatt.map(BIDI) as src,
         batt.map(BIDI) as dst,
     ):
@@ -889,8 +928,8 @@ async def test_three_stage_pipeline() -> None:
     async def dma(dev: SimDevice, src: DmaBuf, dst: DmaBuf) -> None:
         notify = None if src.exporter is heap else (lambda att: None)
         async with (
-            src.attach(dev, move_notify=notify) as satt,
-            dst.attach(dev) as datt,
+            src.attach(dev.device, move_notify=notify) as satt,
+            dst.attach(dev.device) as datt,
             satt.map(Direction.TO_DEVICE) as s,
             datt.map(Direction.FROM_DEVICE) as d,
         ):
@@ -952,3 +991,272 @@ async def test_three_stage_pipeline() -> None:
         assert (stats.memory_in_use, stats.buffers, stats.waiters) == (0, 0, 0)
     assert a.statistics().copies + b.statistics().copies == 3 * len(sizes)
     assert b.statistics().evictions > 0  # queued buffers made room, then came back
+
+
+# -- hardening (issue 12) -----------------------------------------------------------
+
+
+def test_huge_memory_needs_no_page_map() -> None:
+    # 12.14: the allocator's size follows its free extents, not the memory.
+    dev = SimDevice("huge", memory=2**50)
+    assert dev.memory == 2**50
+    assert dev.statistics().memory_total == 2**50
+    assert dev._audit() == []
+
+
+async def test_huge_memory_allocates_from_its_top() -> None:
+    dev = SimDevice("huge", memory=2**50, base_address=0)
+    async with (
+        await dev.allocate(PAGE) as buf,
+        buf.attach(Device("wide")) as att,
+        att.map(BIDI) as sgt,
+    ):
+        assert sgt[0].dma_address == 2**50 - PAGE  # highest pages first
+        assert dev.statistics().memory_in_use == PAGE
+    assert dev.statistics().memory_in_use == 0
+
+
+@pytest.mark.parametrize(
+    ("probability", "error"),
+    [
+        ({"map": "x"}, TypeError),
+        ({"map": True}, TypeError),
+        ({"map": float("nan")}, InvalidArgument),
+        ({"map": -0.1}, InvalidArgument),
+        ({"map": 1.5}, InvalidArgument),
+        ("map", TypeError),
+    ],
+)
+def test_fault_plan_checks_probabilities(probability: Any, error: type) -> None:
+    # 12.14: never a bare ValueError.
+    with pytest.raises(error) as info:
+        FaultPlan(probability=probability)
+    assert type(info.value) is not ValueError
+
+
+def test_vmap_of_something_else_is_a_type_error() -> None:
+    # 12.14: not an AttributeError.
+    with pytest.raises(TypeError):
+        sim(1).vmap("not a buffer")  # type: ignore[arg-type]
+
+
+async def test_vmap_of_another_exporters_buffer_is_invalid() -> None:
+    async with await MemfdExporter().allocate(PAGE) as buf:
+        with pytest.raises(InvalidArgument):
+            sim(1).vmap(buf)
+
+
+async def test_injected_faults_are_injected_faults() -> None:
+    dev = sim(2)
+    dev.inject_fault("allocate")
+    with pytest.raises(OutOfMemory) as oom:
+        await dev.allocate(PAGE)
+    assert isinstance(oom.value, InjectedFault)
+    buf = await dev.allocate(PAGE)
+    dev.inject_fault("attach")
+    with pytest.raises(Busy) as busy:
+        await buf.attach(Device("gpu"))
+    assert isinstance(busy.value, InjectedFault)
+    dev.inject_fault("begin_cpu_access", error=InvalidArgument)
+    with pytest.raises(InvalidArgument) as invalid:
+        async with buf.cpu_access("r"):
+            pass
+    assert isinstance(invalid.value, InjectedFault)
+    dev.inject_fault("begin_cpu_access")
+    with pytest.raises(InjectedFault) as plain:
+        async with buf.cpu_access("r"):
+            pass
+    assert plain.value.errno == errno.EIO
+    await buf.put()
+    assert dev.statistics().faults_injected == 4
+
+
+async def test_contiguous_device_too_short_a_segment_is_named() -> None:
+    # 12.19: the Busy names the constraint that cannot be met.
+    dev = sim(512)
+    narrow = Device("dsp", contiguous=True, max_segment_size=4096)
+    async with await dev.allocate(1 << 20) as buf:
+        with pytest.raises(Busy, match=r"contiguous.*max_segment_size 4096"):
+            await buf.attach(narrow)
+
+
+async def test_mask_too_narrow_is_named() -> None:
+    dev = sim(4)
+    low = Device("low", dma_mask=BASE + PAGE - 1)
+    async with await dev.allocate(2 * PAGE) as buf:
+        with pytest.raises(Busy, match="dma_mask 0x100fff reaches 4096 bytes"):
+            await buf.attach(low)
+
+
+async def test_release_never_waits_and_is_idempotent() -> None:
+    # 12.6: the garbage collector's release is a plain call; once is enough.
+    dev = sim(2)
+    buf = await dev.allocate(PAGE)
+    await write(buf, b"x")
+    assert dev.statistics().memory_in_use == PAGE
+    dev.release(buf)  # a plain function: nothing to await
+    dev.release(buf)
+    stats = dev.statistics()
+    assert (stats.memory_in_use, stats.buffers) == (0, 0)
+    await buf.put()  # the framework's release: nothing left to free
+    assert dev.statistics().buffers == 0
+    assert dev._audit() == []
+
+
+def test_undo_ops_are_plain_functions() -> None:
+    import inspect
+
+    for op in ("unmap", "detach", "release", "end_cpu_access"):
+        assert not inspect.iscoroutinefunction(getattr(SimDevice, op)), op
+
+
+def _no_host_memory(frame: object) -> bytes:
+    raise MemoryError
+
+
+async def test_eviction_without_host_memory_fails_cleanly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 12.3: saving an evicted buffer runs out of memory: the map that needed
+    # the room raises OutOfMemory (not MemoryError, no retry loop), the
+    # victim stays resident and intact, and waiters still wake once memory
+    # is freed.
+    from asyncdmabuf.exporters._simdev import eviction
+
+    dev = sim(1)
+    victim = await dev.allocate(PAGE)
+    vatt = await victim.attach(Device("v"), move_notify=lambda _: None)
+    await vatt.unmap(await vatt.map(BIDI))
+    await write(victim, b"keep")
+    other = await dev.allocate(PAGE)
+    oatt = await other.attach(Device("o"))
+    monkeypatch.setattr(eviction, "save_bytes", _no_host_memory)
+    with pytest.raises(OutOfMemory) as info:
+        await oatt.map(BIDI)
+    assert type(info.value) is not MemoryError
+    assert dev.statistics().evictions == 0
+    assert dev._audit() == []
+    assert (await read(victim))[:4] == b"keep"
+    # A waiter whose room could come only from that eviction waits (the
+    # unmap that tried it does not fail), and is served once memory is freed.
+    pin = await victim.attach(Device("pin"))
+    sgt = await pin.map(BIDI)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(map_in_task, oatt)
+        await wait_all_blocked()
+        assert dev.statistics().waiters == 1
+        await pin.unmap(sgt)
+        await pin.detach()  # unpinned: the eviction is tried, and fails
+        await wait_all_blocked()
+        assert dev.statistics().waiters == 1
+        assert dev.statistics().evictions == 0
+        await vatt.detach()
+        await victim.put()  # freed: the waiter is served
+    (sgt,) = oatt.mappings
+    await drop(other, oatt, sgt)
+    assert dev.statistics().memory_in_use == 0
+    assert dev._audit() == []
+
+
+RLIMIT_CHILD = """
+import resource, anyio
+from asyncdmabuf import Device, Direction, OutOfMemory
+from asyncdmabuf.exporters import SimDevice
+
+SIZE = 512 << 20
+
+async def main():
+    dev = SimDevice("big", memory=SIZE, page_size=1 << 20)
+    big = await dev.allocate(SIZE)
+    att = await big.attach(Device("d"), move_notify=lambda _: None)
+    await att.unmap(await att.map(Direction.BIDIRECTIONAL))
+    with open("/proc/self/status") as f:
+        vm = next(int(l.split()[1]) for l in f if l.startswith("VmSize"))
+    limit = vm * 1024 + (64 << 20)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(
+        resource.RLIMIT_AS)[1]))
+    other = await dev.allocate(SIZE)
+    oatt = await other.attach(Device("e"))
+    try:
+        await oatt.map(Direction.BIDIRECTIONAL)
+    except OutOfMemory as exc:
+        assert type(exc) is not MemoryError
+        print("OutOfMemory", dev.statistics().evictions, dev._audit())
+    resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY,) * 2)
+    await oatt.detach(); await att.detach(); await other.put(); await big.put()
+
+anyio.run(main)
+"""
+
+
+def test_eviction_under_rlimit_as_raises_out_of_memory() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", RLIMIT_CHILD],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["OutOfMemory", "0", "[]"]
+
+
+def _reference_find(
+    free: bytearray, npages: int, limit: int, contiguous: bool
+) -> tuple[tuple[int, int], ...] | None:
+    """The old page-map search, one byte per page, as the allocator's oracle."""
+    if contiguous:
+        first = free.rfind(b"\x01" * npages, 0, limit)
+        return None if first < 0 else ((first, npages),)
+    runs: list[tuple[int, int]] = []
+    remaining, end = npages, limit
+    while remaining:
+        top = free.rfind(1, 0, end)
+        if top < 0:
+            return None
+        start = free.rfind(0, 0, top) + 1
+        take = min(top + 1 - start, remaining)
+        runs.append((top + 1 - take, take))
+        remaining -= take
+        end = start
+    return tuple(reversed(runs))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(1, 12), st.integers(1, 64), st.booleans(), st.integers(0, 9)
+        ),
+        max_size=60,
+    )
+)
+def test_page_allocator_agrees_with_a_page_map(
+    steps: list[tuple[int, int, bool, int]],
+) -> None:
+    from asyncdmabuf.exporters._simdev.pages import PageAllocator
+
+    npages = 64
+    pages = PageAllocator(npages)
+    model = bytearray(b"\x01" * npages)
+    held: list[tuple[tuple[int, int], ...]] = []
+    for size, limit, contiguous, free_index in steps:
+        if held and free_index < 3:
+            runs = held.pop(free_index % len(held))
+            pages.give(runs)
+            for first, count in runs:
+                model[first : first + count] = b"\x01" * count
+        found = pages.find(size, limit, contiguous)
+        assert found == _reference_find(model, size, limit, contiguous)
+        if found is not None:
+            pages.take(found)
+            for first, count in found:
+                model[first : first + count] = bytes(count)
+            held.append(found)
+        assert pages.free_pages == model.count(1)
+        extents = pages.extents()
+        assert sum(end - start for start, end in extents) == pages.free_pages
+        assert all(a[1] < b[0] for a, b in itertools.pairwise(extents))

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from trio.testing import MockClock
 
-from asyncdmabuf import Attachment, Direction, InvalidArgument, SgTable
+from asyncdmabuf import Attachment, Direction, InjectedFault, InvalidArgument, SgTable
 from asyncdmabuf import _cli as cli
 from asyncdmabuf.__main__ import main
 from asyncdmabuf._bench import find_benchmarks
@@ -310,3 +312,133 @@ def test_bench_finds_the_checkout_benchmarks() -> None:
     assert folder is not None
     assert (folder / "bench_map.py").is_file()
     assert (folder / "bench_scale.py").is_file()
+
+
+# -- the contract, and nothing more ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SixFields:
+    """Exactly the statistics a device promises: no ``buffers``, no more."""
+
+    memory_total: int = 1 << 20
+    memory_in_use: int = 0
+    memory_pinned: int = 0
+    waiters: int = 0
+    evictions: int = 0
+    faults_injected: int = 0
+
+
+class SixFieldExporter(MemfdExporter):
+    """A third-party exporter whose statistics() has only the six fields."""
+
+    def statistics(self) -> SixFields:
+        return SixFields()
+
+
+async def test_an_exporter_with_only_the_six_fields_is_enough() -> None:
+    report = await run_stress(TINY, exporter=SixFieldExporter())
+    assert report.ok, failed(report)
+    (memory,) = [i for i in report.invariants if i.name == "no device memory left"]
+    assert "0 bytes in use" in memory.detail
+
+
+class FlakyExporter(MemfdExporter):
+    """Raises InjectedFault now and then, under a message that never says so."""
+
+    fault_ops = ("map",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def try_map(self, attachment: Attachment, direction: Direction) -> SgTable:
+        self.calls += 1
+        if self.calls % 7 == 0:
+            raise InjectedFault("the bus fell over")
+        return super().try_map(attachment, direction)
+
+
+async def test_faults_are_recognised_by_class_not_by_text() -> None:
+    config = StressConfig(**{**_fields(TINY), "map_mode": "try"})
+    report = await run_stress(config, exporter=FlakyExporter())
+    assert report.ok, failed(report)
+    assert report.faults > 0
+    assert report.errors == ()
+
+
+@on_mock_clock()
+async def test_report_says_why_try_map_is_busy_with_a_map_latency() -> None:
+    # 12.20: each op attaches anew, so with a map latency the first map of a
+    # backing after it became resident is Busy; the report says so.
+    config = StressConfig(
+        exporter="simdev",
+        tasks=4,
+        buffers=8,
+        devices=2,
+        buffer_size=4096,
+        memory=4 * 4096,
+        ops=100,
+        map_mode="try",
+        map_latency=0.001,
+        cancel_rate=0.0,
+    )
+    report = await run_stress(config)
+    assert report.ok, failed(report)
+    assert report.busy > 0
+    assert report.busy_reasons
+    reasons = " ".join(reason for reason, _ in report.busy_reasons)
+    assert "first map" in reasons or "not resident" in reasons or "full" in reasons
+    assert report.try_maps > report.busy  # a resident, mapped backing is served
+
+
+def test_stress_engine_and_cli_never_import_the_exporters() -> None:
+    import ast
+
+    root = Path(cli.__file__).parent
+    files = [root / "_cli.py", root / "_bench.py", root / "_stats.py"]
+    files += sorted((root / "_stress").glob("*.py"))
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                name = "." * node.level + (node.module or "")
+            elif isinstance(node, ast.Import):
+                name = " ".join(alias.name for alias in node.names)
+            else:
+                continue
+            assert "exporters" not in name, f"{path.name} imports {name}"
+
+
+def test_stress_runs_where_sniffio_cannot_be_imported(tmp_path: Path) -> None:
+    # A missing module, as Python reports one (anyio treats sniffio as optional).
+    (tmp_path / "sniffio.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'sniffio'\", name='sniffio')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "asyncdmabuf", "stress", "--ops", "200", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "every invariant held" in done.stdout
+
+
+def test_bench_imports_its_benchmarks_as_a_package_and_calls_rows() -> None:
+    from asyncdmabuf._bench import BENCHMARKS, load_benchmark
+
+    folder = find_benchmarks()
+    assert folder is not None
+    path_before = list(sys.path)
+    for _, name in BENCHMARKS:
+        if name is None:
+            continue
+        if name == "bench_cpu":
+            pytest.importorskip("numpy")
+        module = load_benchmark(folder, name)
+        assert module.__name__ == f"benchmarks.{name}"
+        assert callable(module.rows)  # public: the only thing bench calls
+    assert sys.path == path_before

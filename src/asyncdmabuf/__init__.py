@@ -16,6 +16,7 @@ from ._errors import (
     BadFileDescriptor,
     Busy,
     DmaBufError,
+    InjectedFault,
     InvalidArgument,
     NoDevice,
     OutOfMemory,
@@ -31,6 +32,7 @@ from ._share import (
     receive_buffer_with_info,
     send_buffer,
 )
+from ._stats import DeviceStatistics
 
 __all__ = [
     "Attachment",
@@ -41,6 +43,7 @@ __all__ = [
     "Busy",
     "CpuMode",
     "Device",
+    "DeviceStatistics",
     "Direction",
     "DmaBuf",
     "DmaBufError",
@@ -48,6 +51,7 @@ __all__ = [
     "Fence",
     "FenceContext",
     "FenceInfo",
+    "InjectedFault",
     "InvalidArgument",
     "NoDevice",
     "OutOfMemory",

@@ -9,8 +9,8 @@ taken on the same machine in the same minute.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
-import statistics
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +22,31 @@ from rich.table import Table
 
 from ._backends import BACKENDS
 
-__all__ = ["Row", "find_benchmarks", "run_bench"]
+__all__ = [
+    "BENCHMARKS",
+    "Row",
+    "backend_available",
+    "find_benchmarks",
+    "fmt_us",
+    "goal_le",
+    "load_benchmark",
+    "run_bench",
+]
+
+#: The package the benchmarks live in, a top-level folder of the checkout.
+PACKAGE = "benchmarks"
+#: What ``asyncdmabuf bench`` measures, in order: a title, and the module of
+#: ``benchmarks`` whose public ``rows(quick)`` measures it (None: the stress
+#: engine, measured here).
+BENCHMARKS: tuple[tuple[str, str | None], ...] = (
+    ("framework vs bare anyio locking", "bench_map"),
+    ("each backend vs asyncio (stress engine)", None),
+    ("fence vs anyio.Event", "bench_fence"),
+    ("CPU-access copy vs numpy.copyto", "bench_cpu"),
+    ("BufferPool reuse vs fresh allocation", "bench_pool"),
+    ("throughput vs tasks (one loop)", "bench_scale"),
+    ("hand-off to another process", "bench_share"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,18 +73,32 @@ def find_benchmarks() -> Path | None:
     return None
 
 
-def _import(folder: Path, name: str) -> ModuleType:
-    parent = str(folder.parent)
-    if parent not in sys.path:
-        sys.path.insert(0, parent)
-    return importlib.import_module(f"benchmarks.{name}")
+def load_benchmark(folder: Path, name: str) -> ModuleType:
+    """Import ``benchmarks.<name>`` from the checkout's ``folder``.
+
+    The ``benchmarks`` package is imported from its own folder, not by
+    putting the checkout on ``sys.path``; an importable ``benchmarks`` package
+    from elsewhere is not taken for it.
+    """
+    package = sys.modules.get(PACKAGE)
+    init = (folder / "__init__.py").resolve()
+    if package is None or Path(getattr(package, "__file__", "")).resolve() != init:
+        spec = importlib.util.spec_from_file_location(
+            PACKAGE, init, submodule_search_locations=[str(folder)]
+        )
+        assert spec is not None
+        assert spec.loader is not None
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[PACKAGE] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"{PACKAGE}.{name}")
 
 
-def _fmt_us(seconds: float) -> str:
+def fmt_us(seconds: float) -> str:
     return f"{seconds * 1e6:,.2f} µs"
 
 
-def _goal_le(ratio: float, limit: float) -> tuple[str, bool]:
+def goal_le(ratio: float, limit: float) -> tuple[str, bool]:
     return f"<= {limit:g}x", ratio <= limit
 
 
@@ -77,18 +115,12 @@ def run_bench(console: Console, *, quick: bool, json_path: Path | None) -> int:
         )
         return 2
     rows: list[Row] = []
-    steps = [
-        ("framework vs bare anyio locking", _map_rows),
-        ("each backend vs asyncio (stress engine)", _backend_rows),
-        ("fence vs anyio.Event", _fence_rows),
-        ("CPU-access copy vs numpy.copyto", _cpu_rows),
-        ("BufferPool reuse vs fresh allocation", _pool_rows),
-        ("throughput vs tasks (one loop)", _scale_rows),
-        ("hand-off to another process", _share_rows),
-    ]
-    for title, step in steps:
+    for title, name in BENCHMARKS:
         with console.status(f"measuring: {title}"):
-            rows.extend(step(folder, quick))
+            if name is None:
+                rows.extend(_backend_rows(quick))
+            else:
+                rows.extend(load_benchmark(folder, name).rows(quick))
     table = Table(title="asyncdmabuf bench: ratios measured side by side in one run")
     for column in ("group", "measurement", "ours", "baseline", "ratio", "goal", "met"):
         table.add_column(column, justify="right" if column != "measurement" else "left")
@@ -121,7 +153,7 @@ def run_bench(console: Console, *, quick: bool, json_path: Path | None) -> int:
     return 1 if missed else 0
 
 
-def _available(label: str) -> bool:
+def backend_available(label: str) -> bool:
     module = {"uvloop": "uvloop", "trio": "trio"}.get(label)
     if module is None:
         return True
@@ -132,60 +164,13 @@ def _available(label: str) -> bool:
     return True
 
 
-def _map_rows(folder: Path, quick: bool) -> list[Row]:
-    bench_map = _import(folder, "bench_map")
-    results = bench_map.run(5_000 if quick else 20_000, 3 if quick else 7)
-    rows = []
-    base = results[0]
-    for r in results:
-        ratio = r.map_unmap / r.two_locks
-        goal, met = _goal_le(ratio, 1.5)
-        rows.append(
-            Row(
-                "framework vs anyio",
-                f"{r.backend}: map+unmap vs 2x Lock acquire/release",
-                _fmt_us(r.map_unmap),
-                _fmt_us(r.two_locks),
-                ratio,
-                goal,
-                met,
-            )
-        )
-        ratio = r.try_map / r.nowait_lock
-        goal, met = _goal_le(ratio, 3.0)
-        rows.append(
-            Row(
-                "framework vs anyio",
-                f"{r.backend}: try_map vs acquire_nowait+release",
-                _fmt_us(r.try_map),
-                _fmt_us(r.nowait_lock),
-                ratio,
-                goal,
-                met,
-            )
-        )
-    rows.extend(
-        Row(
-            "backend vs asyncio",
-            f"{r.backend}: map+unmap time",
-            _fmt_us(r.map_unmap),
-            _fmt_us(base.map_unmap),
-            r.map_unmap / base.map_unmap,
-            "",
-            None,
-        )
-        for r in results[1:]
-    )
-    return rows
-
-
-def _backend_rows(folder: Path, quick: bool) -> list[Row]:
+def _backend_rows(quick: bool) -> list[Row]:
     from ._stress import StressConfig, run_stress
 
     config = StressConfig(ops=3_000 if quick else 20_000)
     measured: dict[str, float] = {}
     for label, (backend, options) in BACKENDS.items():
-        if not _available(label):
+        if not backend_available(label):
             continue
         report = anyio.run(run_stress, config, backend=backend, backend_options=options)
         measured[label] = report.ops_per_second
@@ -202,135 +187,3 @@ def _backend_rows(folder: Path, quick: bool) -> list[Row]:
         )
         for label, ops in measured.items()
     ]
-
-
-def _fence_rows(folder: Path, quick: bool) -> list[Row]:
-    bench_fence = _import(folder, "bench_fence")
-    rows = []
-    for label, (backend, options) in BACKENDS.items():
-        if not _available(label):
-            continue
-        results: list[tuple[int, float, float]] = anyio.run(
-            bench_fence._in_process,
-            [100],
-            10 if quick else 50,
-            backend=backend,
-            backend_options=options,
-        )
-        for n, fence_t, event_t in results:
-            ratio = fence_t / event_t
-            goal, met = _goal_le(ratio, 1.5)
-            rows.append(
-                Row(
-                    "fence vs Event",
-                    f"{label}: signal() waking {n} waiters",
-                    _fmt_us(fence_t),
-                    _fmt_us(event_t),
-                    ratio,
-                    goal,
-                    met,
-                )
-            )
-    return rows
-
-
-def _cpu_rows(folder: Path, quick: bool) -> list[Row]:
-    bench_cpu = _import(folder, "bench_cpu")
-    sizes = (1 << 20, 16 << 20) if quick else bench_cpu.SIZES
-    results = anyio.run(bench_cpu.measure_all, sizes, 10 if quick else 30)
-    return [
-        Row(
-            "CPU access",
-            f"copy {r.size >> 20} MiB through cpu_access vs numpy.copyto",
-            f"{r.ours / 1e9:.2f} GB/s",
-            f"{r.numpy / 1e9:.2f} GB/s",
-            r.ratio,
-            ">= 0.9x",
-            r.ratio >= 0.9,
-        )
-        for r in results
-    ]
-
-
-def _pool_rows(folder: Path, quick: bool) -> list[Row]:
-    bench_pool = _import(folder, "bench_pool")
-    results = anyio.run(
-        bench_pool.measure_all, bench_pool.SIZES, 50 if quick else 200, 3
-    )
-    return [
-        Row(
-            "buffer pool",
-            f"{r.size >> 10} KiB: pooled get+fill+give back vs fresh",
-            _fmt_us(r.pooled),
-            _fmt_us(r.fresh),
-            r.speedup,
-            "> 1x",
-            r.speedup > 1.0,
-        )
-        for r in results
-    ]
-
-
-def _scale_rows(folder: Path, quick: bool) -> list[Row]:
-    bench_scale = _import(folder, "bench_scale")
-    results = anyio.run(
-        bench_scale.scaling, bench_scale.TASKS, 10_000 if quick else 50_000
-    )
-    base = results[0]
-    return [
-        Row(
-            "scale",
-            f"{r.tasks:,} tasks over 1,000 buffers: ops/s",
-            f"{r.ops_per_second:,.0f}/s",
-            f"{base.ops_per_second:,.0f}/s",
-            r.ops_per_second / base.ops_per_second,
-            ">= 0.5x",
-            r.ok and r.ops_per_second >= 0.5 * base.ops_per_second,
-        )
-        for r in results
-    ]
-
-
-def _share_rows(folder: Path, quick: bool) -> list[Row]:
-    bench_share = _import(folder, "bench_share")
-    sizes = [4 << 10, 1 << 20] if quick else [4 << 10, 1 << 20, 64 << 20]
-
-    def reps(size: int) -> int:
-        return 20 if quick else 100
-
-    def copy_reps(size: int) -> int:
-        return 5 if size > 1 << 20 else (20 if quick else 50)
-
-    ours = bench_share.time_dmabuf(sizes, reps, "asyncio")
-    shm = bench_share.time_shm(sizes, reps)
-    pickled = bench_share.time_pickle(sizes, copy_reps)
-    rows = []
-    median = statistics.median
-    for i, size in enumerate(sizes):
-        label = bench_share.human(size)
-        mine = median(ours[i])
-        ratio = mine / median(shm[i])
-        goal, met = _goal_le(ratio, 2.0)
-        rows.append(
-            Row(
-                "hand-off",
-                f"{label}: send_buffer vs shared_memory by name",
-                _fmt_us(mine),
-                _fmt_us(median(shm[i])),
-                ratio,
-                goal,
-                met,
-            )
-        )
-        rows.append(
-            Row(
-                "hand-off",
-                f"{label}: send_buffer vs pickle through a Pipe",
-                _fmt_us(mine),
-                _fmt_us(median(pickled[i])),
-                mine / median(pickled[i]),
-                "",
-                None,
-            )
-        )
-    return rows

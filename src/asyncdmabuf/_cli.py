@@ -30,7 +30,14 @@ from rich.table import Table
 
 from ._backends import BACKENDS
 from ._errors import DmaBufError
-from ._stress import MAP_MODES, StressConfig, StressProgress, StressReport, run_stress
+from ._stress import (
+    MAP_MODES,
+    StressConfig,
+    StressProgress,
+    StressReport,
+    available_exporters,
+    run_stress,
+)
 
 __all__ = ["BACKENDS", "main", "parse_size"]
 
@@ -174,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="do not write and check bytes in every operation",
     )
-    sim = stress.add_argument_group("simdev exporter")
+    sim = stress.add_argument_group(
+        "device options (simdev, or any exporter whose constructor takes them)"
+    )
     sim.add_argument(
         "--memory",
         type=parse_size,
@@ -281,12 +290,10 @@ def _load_pyplot() -> Any:
 def _stress_command(args: argparse.Namespace, console: Console) -> int:
     config = _config(args)
     plt = _load_pyplot() if args.plot else None
-    from .exporters import available
-
-    if args.exporter not in available():
+    known = available_exporters()
+    if args.exporter not in known:
         raise UsageError(
-            f"no exporter named {args.exporter!r} (registered: "
-            f"{', '.join(available())})"
+            f"no exporter named {args.exporter!r} (registered: {', '.join(known)})"
         )
     labels = list(BACKENDS) if args.backend == "all" else [args.backend]
     amount = f"{config.ops:,} ops" if config.ops else f"{config.duration:g} s"

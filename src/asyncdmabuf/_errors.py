@@ -16,6 +16,7 @@ __all__ = [
     "BadFileDescriptor",
     "Busy",
     "DmaBufError",
+    "InjectedFault",
     "InvalidArgument",
     "NoDevice",
     "OutOfMemory",
@@ -79,6 +80,15 @@ class NoDevice(DmaBufError):
     """ENODEV: the exporter's backing does not exist on this machine."""
 
     default_errno = _errno.ENODEV
+
+
+class InjectedFault(DmaBufError):
+    """EIO unless told otherwise: a fault an exporter raised on purpose.
+
+    Simulated devices raise it (or a subclass that is also the error the
+    fault stands for, an :class:`OutOfMemory` say) so that tools such as the
+    stress command tell an injected fault from a finding.
+    """
 
 
 def from_oserror(exc: OSError, what: str) -> DmaBufError:
