@@ -91,3 +91,24 @@ async def test_gc_says_when_a_release_had_to_wait() -> None:
         gc.collect()
     assert any("had to wait" in str(w.message) for w in record)
     assert exp.in_use == 1  # documented: an async release cannot run without a loop
+
+
+async def test_gc_gives_a_simdevice_its_pinned_pages_back() -> None:
+    from asyncdmabuf.exporters import SimDevice
+
+    sim = SimDevice("sim", memory=1 << 16)
+    buf = await sim.allocate(1 << 16)
+    att = await buf.attach(sim.device)
+    await att.map(Direction.TO_DEVICE)  # pinned: a static attachment's map
+    assert sim.statistics().memory_pinned == 1 << 16
+    with _warns():
+        del att, buf
+        gc.collect()
+    stats = sim.statistics()
+    assert stats.memory_in_use == stats.memory_pinned == 0
+    # and the memory serves the next buffer at once
+    again = await sim.allocate(1 << 16)
+    async with again.attach(sim.device) as att2:
+        sgt = att2.try_map(Direction.TO_DEVICE)
+        await att2.unmap(sgt)
+    await again.put()
