@@ -25,9 +25,9 @@ pytestmark = pytest.mark.anyio
 SIZE = 3 * 4096 + 17
 
 
-async def _fill(buf: DmaBuf, byte: int) -> None:
+async def _write(buf: DmaBuf, data: bytes, offset: int = 0) -> None:
     async with buf.cpu_access("w") as view:
-        view[:] = bytes([byte]) * len(view)
+        view[offset : offset + len(data)] = data
         del view
 
 
@@ -36,6 +36,10 @@ async def _bytes(buf: DmaBuf) -> bytes:
         data = view.tobytes()
         del view
     return data
+
+
+async def _fill(buf: DmaBuf, byte: int) -> None:
+    await _write(buf, bytes([byte]) * buf.size)
 
 
 class NoCpuExporter(RecordingExporter):

@@ -36,25 +36,14 @@ from asyncdmabuf.exporters import MemfdExporter
 
 from .helpers import assert_checkpoints, assert_no_checkpoints, wait_all_blocked
 from .reliability import PROFILE, Backend, budget, cancel_at
+from .test_pool import _bytes as _read
+from .test_pool import _write
 
 SIZE = 2 * 4096
 SECRET = b"NEW SECRET!!"
 #: A guard against a regression turning into a 120 s test timeout; never a
 #: measure of speed (everything here completes without waiting on a clock).
 HANG = 10
-
-
-async def _write(buf: DmaBuf, data: bytes, offset: int = 0) -> None:
-    async with buf.cpu_access("w") as view:
-        view[offset : offset + len(data)] = data
-        del view
-
-
-async def _read(buf: DmaBuf) -> bytes:
-    async with buf.cpu_access("r") as view:
-        data = view.tobytes()
-        del view
-    return data
 
 
 class GatedExporter(MemfdExporter):
@@ -82,6 +71,17 @@ class GatedExporter(MemfdExporter):
 
 
 pytestmark = pytest.mark.anyio
+
+
+async def _acquire_expecting_close(
+    pool: BufferPool, errors: list[BaseException]
+) -> None:
+    try:
+        buf = await pool.acquire()
+    except InvalidArgument as exc:
+        errors.append(exc)
+    else:
+        pool.release(buf)
 
 
 # -- leaving the pool never hangs ------------------------------------------------------
@@ -437,15 +437,8 @@ async def test_an_acquire_racing_close_inside_allocate_leaves_nothing() -> None:
     exporter = GatedExporter()
     pool = BufferPool(exporter, 4096, max_buffers=1)
     errors: list[BaseException] = []
-
-    async def acquirer() -> None:
-        try:
-            await pool.acquire()
-        except InvalidArgument as exc:
-            errors.append(exc)
-
     async with anyio.create_task_group() as tg:
-        tg.start_soon(acquirer)
+        tg.start_soon(_acquire_expecting_close, pool, errors)
         await exporter.started.wait()
         with anyio.fail_after(HANG):
             await pool.aclose()  # does not wait for the allocation
@@ -465,15 +458,8 @@ async def test_an_acquire_racing_close_inside_zeroing_leaves_nothing() -> None:
     exporter.started = anyio.Event()
     exporter.cpu_gate = anyio.Event()
     errors: list[BaseException] = []
-
-    async def acquirer() -> None:
-        try:
-            await pool.acquire()
-        except InvalidArgument as exc:
-            errors.append(exc)
-
     async with anyio.create_task_group() as tg:
-        tg.start_soon(acquirer)
+        tg.start_soon(_acquire_expecting_close, pool, errors)
         await exporter.started.wait()  # inside the zeroing
         with anyio.fail_after(HANG):
             await pool.aclose()
