@@ -36,6 +36,7 @@ from asyncdmabuf.exporters import MemfdExporter
 
 from .helpers import assert_checkpoints, assert_no_checkpoints, wait_all_blocked
 from .reliability import PROFILE, Backend, budget, cancel_at
+from .test_fence import import_foreign
 from .test_pool import _bytes as _read
 from .test_pool import _write
 
@@ -389,8 +390,8 @@ async def test_a_fence_known_only_by_its_fd_is_noticed_by_the_next_acquire() -> 
         buf = await pool.acquire()
         fence = Fence()
         fd = fence.export_fd()
-        try:
-            buf.import_sync_fd(fd, "w")
+        try:  # as a GPU's sync_file arrives: polled, it signals nobody
+            buf.resv.add_fence(import_foreign(fd), Usage.WRITE)
         finally:
             os.close(fd)
         pool.release(buf)
@@ -399,6 +400,34 @@ async def test_a_fence_known_only_by_its_fd_is_noticed_by_the_next_acquire() -> 
         async with pool.buffer() as again:
             assert again is buf
         assert pool.statistics().allocated == 1
+
+
+async def test_a_full_pool_notices_a_fence_known_only_by_its_fd() -> None:
+    """Every buffer set aside behind a sync_file: the waiter watches the fds."""
+    async with BufferPool(MemfdExporter(), 4096, max_buffers=1) as pool:
+        buf = await pool.acquire()
+        fence = Fence()
+        fd = fence.export_fd()
+        try:  # as a GPU's sync_file arrives: polled, it signals nobody
+            buf.resv.add_fence(import_foreign(fd), Usage.WRITE)
+        finally:
+            os.close(fd)
+        pool.release(buf)
+        got: list[DmaBuf] = []
+
+        async def waiter() -> None:
+            got.append(await pool.acquire())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            await wait_all_blocked()
+            assert not got
+            with anyio.fail_after(HANG):
+                fence.signal()  # only the imported fence's fd says so
+                while not got:
+                    await wait_all_blocked()
+        assert got == [buf]
+        pool.release(buf)
 
 
 async def test_close_puts_set_aside_buffers_without_waiting() -> None:

@@ -253,14 +253,14 @@ class BufferPool:
         self._poll_fenced()
         value: object
         if self._queue:
-            value = await self._queue.park()
+            value = await self._park()
         elif self._free:
             value = self._free.pop()
         elif self._slots < self._max:
             self._slots += 1
             value = None
         else:
-            value = await self._queue.park()
+            value = await self._park()
         if value is _CLOSED:
             raise InvalidArgument(f"{self!r} closed while waiting")
         return await self._prepare(value if isinstance(value, DmaBuf) else None)
@@ -292,6 +292,30 @@ class BufferPool:
             f"{self!r} has no zeroed buffer free"
             + (f" ({len(self._queue)} task(s) wait)" if self._queue else "")
         )
+
+    async def _park(self) -> object:
+        """Wait in line for a buffer or a slot; return what was handed over.
+
+        While buffers are set aside, their fences are watched meanwhile: a
+        fence known only by its fd (a GPU's sync_file) signals nothing by
+        itself, it must be polled, and a full pool would otherwise wait for it
+        forever. Nothing is waited for beyond the hand-over.
+        """
+        if not self._fenced:
+            return await self._queue.park()
+        value: object = _CLOSED
+        async with anyio.create_task_group() as tg:
+            for buf in self._fenced:
+                tg.start_soon(self._watch, buf)
+            try:
+                value = await self._queue.park()
+            finally:
+                tg.cancel_scope.cancel()
+        return value
+
+    async def _watch(self, buf: DmaBuf) -> None:
+        await buf.resv.wait(Usage.BOOKKEEP)
+        self._fence_signalled(buf, None)
 
     async def _prepare(self, buf: DmaBuf | None) -> DmaBuf:
         """Make a buffer (or a slot) ready for a new owner, then lend it.
@@ -366,6 +390,7 @@ class BufferPool:
                 its owner put it (it leaves the pool).
         """
         doomed = self._take_back(buf)
+        self._poll_fenced()
         if doomed is None:
             return
         if self._closed:
@@ -446,8 +471,10 @@ class BufferPool:
         """A fence of a set-aside buffer signalled: free it once all have."""
         if buf not in self._fenced or not buf.resv.test(Usage.BOOKKEEP):
             return
-        del self._fenced[buf]
-        self._hand_on(buf)
+        # Testing polls a fence known by its fd, whose signal may call this
+        # again: whichever call pops the buffer hands it on.
+        if self._fenced.pop(buf, None) is not None:
+            self._hand_on(buf)
 
     def _poll_fenced(self) -> None:
         """Notice fences that signal only when asked (imported from an fd)."""
