@@ -47,6 +47,20 @@ SECRET = b"NEW SECRET!!"
 HANG = 10
 
 
+def _fence_by_fd(buf: DmaBuf) -> Fence:
+    """Fence ``buf`` as a GPU's sync_file would: known by an fd, polled.
+
+    Returns the fence on the other side of the fd, for the test to signal.
+    """
+    fence = Fence()
+    fd = fence.export_fd()
+    try:
+        buf.resv.add_fence(import_foreign(fd), Usage.WRITE)
+    finally:
+        os.close(fd)
+    return fence
+
+
 class GatedExporter(MemfdExporter):
     """A memfd exporter whose ``allocate`` waits for a gate the test opens."""
 
@@ -388,12 +402,7 @@ async def test_a_pending_fence_sets_the_buffer_aside(usage: Usage) -> None:
 async def test_a_fence_known_only_by_its_fd_is_noticed_by_the_next_acquire() -> None:
     async with BufferPool(MemfdExporter(), 4096, max_buffers=2) as pool:
         buf = await pool.acquire()
-        fence = Fence()
-        fd = fence.export_fd()
-        try:  # as a GPU's sync_file arrives: polled, it signals nobody
-            buf.resv.add_fence(import_foreign(fd), Usage.WRITE)
-        finally:
-            os.close(fd)
+        fence = _fence_by_fd(buf)
         pool.release(buf)
         assert pool.statistics().set_aside == 1
         fence.signal()  # seen by whoever polls the imported fence
@@ -406,12 +415,7 @@ async def test_a_full_pool_notices_a_fence_known_only_by_its_fd() -> None:
     """Every buffer set aside behind a sync_file: the waiter watches the fds."""
     async with BufferPool(MemfdExporter(), 4096, max_buffers=1) as pool:
         buf = await pool.acquire()
-        fence = Fence()
-        fd = fence.export_fd()
-        try:  # as a GPU's sync_file arrives: polled, it signals nobody
-            buf.resv.add_fence(import_foreign(fd), Usage.WRITE)
-        finally:
-            os.close(fd)
+        fence = _fence_by_fd(buf)
         pool.release(buf)
         got: list[DmaBuf] = []
 
