@@ -12,7 +12,8 @@ Ownership, in the order a buffer goes through it:
   ``release()`` is not kept alive by the pool. Garbage collection then does
   what a put would (the buffer's own finalizer warns with a
   ``ResourceWarning`` and gives its memory back) and the pool frees the slot,
-  waking the next acquirer.
+  waking the next acquirer. That weakref callback runs wherever the collector
+  runs: like the loop it belongs to, a pool is used from one thread.
 * **released**: reused only if nothing outside the pool can reach its bytes:
   never exposed as an fd, no CPU access open, nothing attached, no other
   reference. Otherwise it is *retired*: put (by the next ``acquire``, by
@@ -505,7 +506,7 @@ class BufferPool:
         try:
             yield buf
         except BaseException:
-            self.release(buf)
+            await self._give_back(buf)
             raise
         if (
             weakref.ref(buf) in self._lent  # not released in the body already
@@ -518,11 +519,16 @@ class BufferPool:
                     _zero(view)
                     del view
             except BaseException:
-                self.release(buf)
+                await self._give_back(buf)
                 raise
             if self._private(buf):
                 self._clean.add(buf)
+        await self._give_back(buf)
+
+    async def _give_back(self, buf: DmaBuf) -> None:
+        """:meth:`release`, putting at once (shielded) what must be put."""
         doomed = self._take_back(buf)
+        self._poll_fenced()
         if doomed is not None:
             with anyio.CancelScope(shield=True):
                 await doomed.put()
