@@ -135,6 +135,27 @@ async def test_aclose_returns_while_buffers_are_lent() -> None:
     assert pool.statistics().lent == 0
 
 
+class SlowReleaseExporter(MemfdExporter):
+    """A memfd exporter whose ``release`` suspends (an exporter may await)."""
+
+    name: ClassVar[str] = "slow-release-memfd"
+
+    async def release(self, buf: DmaBuf) -> None:
+        await anyio.lowlevel.checkpoint()
+        await super().release(buf)
+
+
+async def test_a_release_after_close_that_would_wait_says_so() -> None:
+    """A synchronous release cannot await an exporter: it warns, never hangs."""
+    pool = BufferPool(SlowReleaseExporter(), 4096, max_buffers=1)
+    buf = await pool.acquire()
+    await pool.aclose()
+    with pytest.warns(ResourceWarning, match="cut short"):
+        pool.release(buf)
+    assert buf.released
+    await anyio.lowlevel.checkpoint()  # the task's scopes are intact
+
+
 async def test_the_async_exit_after_close_puts_the_buffer() -> None:
     pool = BufferPool(MemfdExporter(), 4096, max_buffers=1)
     async with pool.buffer() as buf:
