@@ -5,6 +5,11 @@ back. Fresh: ``MemfdExporter.allocate`` + fill + ``put``: every page faults in
 anew. Pooled: ``BufferPool.acquire`` (which zeroes the reused buffer, as the
 contract demands) + fill + ``release``: the pages stay resident. Rounds
 alternate; each figure is the median. Run: ``python benchmarks/bench_pool.py``.
+
+The second table is the pool's own cost, with no fill: one
+``async with pool.buffer()`` round trip of a 4 KiB buffer (acquire, zero,
+release) against two ``anyio.Lock`` acquire/release pairs (the floor of any
+async hand-out and hand-back) and against ``allocate`` + ``put`` of a fresh one.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from asyncdmabuf import BufferPool, DmaBuf
+from asyncdmabuf._backends import BACKENDS
 from asyncdmabuf._bench import Row, fmt_us
 from asyncdmabuf.exporters import MemfdExporter
 
@@ -67,6 +73,51 @@ async def measure(size: int, n: int, rounds: int) -> PoolResult:
     return PoolResult(size, statistics.median(fresh), statistics.median(pooled))
 
 
+@dataclass(frozen=True, slots=True)
+class OverheadResult:
+    size: int
+    pooled: float
+    """Seconds per ``async with pool.buffer()`` (acquire, zero, release)."""
+    locks: float
+    """Seconds per two ``async with anyio.Lock()`` pairs."""
+    fresh: float
+    """Seconds per ``allocate`` + ``put``."""
+
+
+async def measure_overhead(n: int, rounds: int, size: int = 4096) -> OverheadResult:
+    """Measure a pool round trip against two lock pairs and a fresh buffer."""
+    exporter = MemfdExporter()
+    first, second = anyio.Lock(), anyio.Lock()
+    pooled: list[float] = []
+    locks: list[float] = []
+    fresh: list[float] = []
+    async with BufferPool(exporter, size, max_buffers=1, name="bench-pool") as pool:
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(n):
+                async with pool.buffer():
+                    pass
+            pooled.append((time.perf_counter() - start) / n)
+            start = time.perf_counter()
+            for _ in range(n):
+                async with first:
+                    pass
+                async with second:
+                    pass
+            locks.append((time.perf_counter() - start) / n)
+            start = time.perf_counter()
+            for _ in range(n):
+                buf = await exporter.allocate(size, name="bench-fresh")
+                await buf.put()
+            fresh.append((time.perf_counter() - start) / n)
+    return OverheadResult(
+        size,
+        statistics.median(pooled),
+        statistics.median(locks),
+        statistics.median(fresh),
+    )
+
+
 async def measure_all(sizes: tuple[int, ...], n: int, rounds: int) -> list[PoolResult]:
     """Measure every size, fewer round trips for big buffers."""
     return [
@@ -95,8 +146,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-n", type=int, default=200, help="round trips of 64 KiB")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--backend", default="asyncio", choices=("asyncio", "uvloop", "trio")
+    )
     args = parser.parse_args()
-    results = anyio.run(measure_all, SIZES, args.n, args.rounds)
+    name, options = BACKENDS[args.backend]
+    results = anyio.run(
+        measure_all, SIZES, args.n, args.rounds, backend=name, backend_options=options
+    )
     table = Table(title="get + fill + give back: fresh allocation vs BufferPool")
     for column in ("size", "fresh", "pooled (zeroed)", "speed-up"):
         table.add_column(column, justify="right")
@@ -107,7 +164,21 @@ def main() -> None:
             f"{r.pooled * 1e6:,.1f} µs",
             f"{r.speedup:.2f}x",
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    o = anyio.run(
+        measure_overhead, args.n * 5, args.rounds, backend=name, backend_options=options
+    )
+    table = Table(title=f"the pool's own cost, {o.size >> 10} KiB, on {args.backend}")
+    for column in ("round trip", "time", "vs pool"):
+        table.add_column(column, justify="right")
+    for label, seconds in (
+        ("pool.buffer() (acquire, zero, release)", o.pooled),
+        ("two anyio.Lock pairs", o.locks),
+        ("allocate + put", o.fresh),
+    ):
+        table.add_row(label, f"{seconds * 1e6:,.2f} µs", f"{seconds / o.pooled:.2f}x")
+    console.print(table)
 
 
 if __name__ == "__main__":

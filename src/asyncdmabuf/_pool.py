@@ -4,13 +4,40 @@ Fresh memory costs a page fault per page the first time it is touched; a
 buffer taken back from the pool is already resident, so the only price of
 reuse is zeroing it, which the contract demands anyway: every buffer reads as
 zeros for a new owner, and no bytes of one owner ever reach the next.
+
+Ownership, in the order a buffer goes through it:
+
+* **lent**: the pool holds the buffer's reference (refcount 1) but only a
+  weak reference to the Python object, so a buffer its owner drops without
+  ``release()`` is not kept alive by the pool. Garbage collection then does
+  what a put would (the buffer's own finalizer warns with a
+  ``ResourceWarning`` and gives its memory back) and the pool frees the slot,
+  waking the next acquirer. That weakref callback runs wherever the collector
+  runs: like the loop it belongs to, a pool is used from one thread.
+* **released**: reused only if nothing outside the pool can reach its bytes:
+  never exposed as an fd, no CPU access open, nothing attached, no other
+  reference. Otherwise it is *retired*: put (by the next ``acquire``, by
+  ``aclose``, or at once by the async exit of ``pool.buffer()``) and its slot
+  given to a fresh allocation.
+* **set aside**: reusable but with a pending fence. ``acquire`` never waits
+  on it; a fence callback makes it free once every fence has signalled.
+* **free**: ready for the next owner, zeroed before it is handed out (or
+  already zeroed, by the exit of ``pool.buffer()``).
+
+Waiting acquirers park on one :class:`~asyncdmabuf.lowlevel.WaitQueue`, which
+hands them either a buffer or a free slot (``None``: allocate one); what is
+handed to an acquirer cancelled before it ran comes back through
+``on_abandon`` and goes to the next one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-from collections import deque
+import functools
+import inspect
+import warnings
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -19,10 +46,13 @@ from typing import Protocol, final
 import anyio
 import anyio.lowlevel
 
-from ._buffer import DmaBuf
-from ._errors import InvalidArgument
+from ._buffer import DmaBuf, lock_holder
+from ._errors import Busy, InvalidArgument
 from ._exporter import Exporter
-from ._validate import check_int
+from ._fence import Fence
+from ._types import Usage
+from ._validate import check_int, check_name
+from ._waitqueue import WaitQueue
 
 __all__ = ["Allocator", "BufferPool", "PoolStatistics"]
 
@@ -42,7 +72,7 @@ class PoolStatistics:
     size: int
     """The size of every buffer, in bytes."""
     max_buffers: int
-    """The most buffers the pool ever holds at once (free and lent)."""
+    """The most buffers the pool ever holds at once (free, lent, set aside)."""
     free: int
     """Buffers ready to be handed out again."""
     lent: int
@@ -53,17 +83,31 @@ class PoolStatistics:
     """Buffers allocated from the exporter so far."""
     reused: int
     """Acquires served by a buffer released before (zeroed first)."""
+    set_aside: int
+    """Released buffers waiting for their fences before they can be reused."""
+    replaced: int
+    """Released buffers put instead of reused (something else could reach them)."""
 
 
-@final
-class _Waiter:
-    __slots__ = ("buffer", "event")
+#: Handed to the waiters of a pool that closes: they raise InvalidArgument.
+_CLOSED = object()
 
-    def __init__(self) -> None:
-        self.event = anyio.Event()
-        #: A released buffer handed straight to this waiter, or None for a
-        #: free slot (allocate a new one).
-        self.buffer: DmaBuf | None = None
+
+def _check_allocator(exporter: object) -> None:
+    allocate = getattr(exporter, "allocate", None)
+    if not inspect.iscoroutinefunction(allocate):
+        raise TypeError(
+            "a pool's exporter needs an async allocate(size, *, name=None), "
+            f"which {type(exporter).__name__} does not have"
+        )
+    try:
+        inspect.signature(allocate).bind(1, name=None)
+    except TypeError:
+        raise TypeError(
+            f"{type(exporter).__name__}.allocate must take (size, *, name=None)"
+        ) from None
+    except ValueError:  # no signature to read (a builtin): trust it
+        pass
 
 
 @final
@@ -71,42 +115,51 @@ class BufferPool:
     """Up to ``max_buffers`` buffers of ``size`` bytes, lent out and taken back.
 
     ``await pool.acquire()`` returns a buffer reading as zeros: a fresh one, or
-    one released before and zeroed through CPU access. When all are lent out,
+    one released before and zeroed through CPU access. When all are taken,
     acquirers wait, first come first served. ``pool.release(buf)`` takes a
-    buffer back; ``async with pool.buffer() as buf`` does both. The pool owns
-    the buffers' references: do not ``put()`` a pooled buffer. ``aclose()``
-    (or leaving ``async with pool``) puts every free buffer, and any lent one
-    when it comes back.
+    buffer back; ``async with pool.buffer() as buf`` does both (and zeroes the
+    buffer on a clean exit, so that :meth:`try_acquire` can hand it out). The
+    pool owns the buffers' references: do not ``put()`` a pooled buffer.
+
+    ``aclose()`` (or leaving ``async with pool``) puts every buffer the pool
+    holds and never waits for lent ones: each is put when it comes back, or
+    at garbage collection (with the buffer's ``ResourceWarning``).
 
     Buffers of exporters without a CPU view cannot be zeroed, so they are never
     reused: each is put on release and a fresh one allocated in its place.
 
     Args:
-        exporter: Where buffers come from (anything with ``allocate(size)``).
+        exporter: Where buffers come from: anything with an async
+            ``allocate(size, *, name=None)``.
         size: The size of every buffer, in bytes.
         max_buffers: How many buffers may exist at once.
         name: The name given to each buffer.
 
     Raises:
-        TypeError: A count is not an int.
-        InvalidArgument: ``size`` or ``max_buffers`` is not positive.
+        TypeError: ``exporter`` cannot allocate, a count is not an int, or
+            ``name`` is not a str.
+        InvalidArgument: ``size`` or ``max_buffers`` is not positive, or
+            ``name`` is too long.
     """
 
     __slots__ = (
+        "__weakref__",
         "_allocated",
+        "_clean",
         "_closed",
-        "_dirty",
         "_exporter",
+        "_fenced",
         "_free",
         "_lent",
         "_max",
         "_name",
-        "_returned",
+        "_queue",
+        "_replaced",
+        "_retired",
         "_reusable",
         "_reused",
         "_size",
         "_slots",
-        "_waiters",
     )
 
     def __init__(
@@ -117,25 +170,29 @@ class BufferPool:
         max_buffers: int,
         name: str | None = None,
     ) -> None:
-        check_int(size, "size")
-        check_int(max_buffers, "max_buffers")
+        _check_allocator(exporter)
+        self._size = check_int(size, "size")
+        self._max = check_int(max_buffers, "max_buffers")
+        self._name = check_name(name)
         self._exporter = exporter
-        self._size = size
-        self._max = max_buffers
-        self._name = name
         #: Ready buffers; the most recently released last (warmest in cache).
         self._free: list[DmaBuf] = []
-        #: Buffers that were used and must be zeroed before the next owner.
-        self._dirty: set[DmaBuf] = set()
-        self._lent: set[DmaBuf] = set()
-        self._waiters: deque[_Waiter] = deque()
-        #: Buffers that exist (free, lent, or being allocated or zeroed).
+        #: Free buffers already zeroed (by the exit of ``buffer()``).
+        self._clean: weakref.WeakSet[DmaBuf] = weakref.WeakSet()
+        #: Lent buffers, held weakly; the callback frees a dropped one's slot.
+        self._lent: dict[weakref.ref[DmaBuf], None] = {}
+        #: Released buffers with pending fences, and the callback watching them.
+        self._fenced: dict[DmaBuf, functools.partial[None]] = {}
+        #: Released buffers that must be put, not reused (their slot is free).
+        self._retired: list[DmaBuf] = []
+        self._queue = WaitQueue(on_abandon=self._hand_on)
+        #: Buffers that exist (free, lent, set aside, being made or zeroed) plus
+        #: slots handed to waiters that have not allocated yet.
         self._slots = 0
         self._allocated = 0
         self._reused = 0
+        self._replaced = 0
         self._closed = False
-        #: Set when a lent buffer comes back while aclose() waits for it.
-        self._returned: anyio.Event | None = None
         self._reusable = isinstance(exporter, Exporter) and (
             type(exporter).vmap is not Exporter.vmap
         )
@@ -162,9 +219,11 @@ class BufferPool:
             max_buffers=self._max,
             free=len(self._free),
             lent=len(self._lent),
-            waiters=len(self._waiters),
+            waiters=len(self._queue),
             allocated=self._allocated,
             reused=self._reused,
+            set_aside=len(self._fenced),
+            replaced=self._replaced,
         )
 
     def __repr__(self) -> str:
@@ -177,75 +236,126 @@ class BufferPool:
     # -- acquire ----------------------------------------------------------------
 
     async def acquire(self) -> DmaBuf:
-        """Return a buffer of :attr:`size` zero bytes (a checkpoint).
+        """Return a buffer of :attr:`size` zero bytes (always a checkpoint).
 
-        Waits, first come first served, while all ``max_buffers`` are lent.
-        Cancelled while waiting or zeroing, it leaves the pool as it was.
+        Takes a free buffer, else allocates one while fewer than
+        ``max_buffers`` exist, else waits, first come first served, for a
+        buffer to come back. Never waits on a released buffer's fences.
+        Cancelled at any point, it leaves the pool as it was.
 
         Raises:
-            InvalidArgument: The pool is closed (also for waiters when it closes).
+            InvalidArgument: The pool is closed, or closes while this waits or
+                allocates (a buffer allocated meanwhile is put).
             OutOfMemory: The exporter could not allocate a new buffer.
         """
         self._check_open()
         await anyio.lowlevel.checkpoint()
         self._check_open()
-        buf: DmaBuf | None
-        if not self._waiters and self._free:
-            buf = self._free.pop()
-        elif not self._waiters and self._slots < self._max:
+        self._poll_fenced()
+        value: object
+        if self._queue:
+            value = await self._park()
+        elif self._free:
+            value = self._free.pop()
+        elif self._slots < self._max:
             self._slots += 1
-            buf = None
+            value = None
         else:
-            buf = await self._wait()
-        buf = await self._prepare(buf)
-        self._lent.add(buf)
-        return buf
+            value = await self._park()
+        if value is _CLOSED:
+            raise InvalidArgument(f"{self!r} closed while waiting")
+        return await self._prepare(value if isinstance(value, DmaBuf) else None)
 
-    async def _wait(self) -> DmaBuf | None:
-        waiter = _Waiter()
-        self._waiters.append(waiter)
-        try:
-            await waiter.event.wait()
-        except BaseException:
-            if waiter.event.is_set():  # served, then cancelled: pass it on
-                self._hand_on(waiter.buffer)
-            else:
-                self._waiters.remove(waiter)
-            raise
-        self._check_open()  # woken by aclose(): nothing was handed over
-        return waiter.buffer
+    def try_acquire(self) -> DmaBuf:
+        """Return a free, already zeroed buffer; never checkpoints.
+
+        Buffers zeroed by the exit of ``async with pool.buffer()`` qualify; a
+        buffer released with :meth:`release` is zeroed by the next
+        :meth:`acquire`, and a new buffer can only be allocated by it.
+
+        Raises:
+            Busy: No zeroed buffer is free, or tasks are waiting in
+                :meth:`acquire` (they come first).
+            InvalidArgument: The pool is closed.
+        """
+        self._check_open()
+        self._poll_fenced()
+        if not self._queue:
+            for i in range(len(self._free) - 1, -1, -1):
+                buf = self._free[i]
+                if buf in self._clean:
+                    del self._free[i]
+                    self._clean.discard(buf)
+                    self._reused += 1
+                    self._lend(buf)
+                    return buf
+        raise Busy(
+            f"{self!r} has no zeroed buffer free"
+            + (f" ({len(self._queue)} task(s) wait)" if self._queue else "")
+        )
+
+    async def _park(self) -> object:
+        """Wait in line for a buffer or a slot; return what was handed over.
+
+        While buffers are set aside, their fences are watched meanwhile: a
+        fence known only by its fd (a GPU's sync_file) signals nothing by
+        itself, it must be polled, and a full pool would otherwise wait for it
+        forever. Nothing is waited for beyond the hand-over.
+        """
+        if not self._fenced:
+            return await self._queue.park()
+        value: object = _CLOSED
+        async with anyio.create_task_group() as tg:
+            for buf in self._fenced:
+                tg.start_soon(self._watch, buf)
+            try:
+                value = await self._queue.park()
+            finally:
+                tg.cancel_scope.cancel()
+        return value
+
+    async def _watch(self, buf: DmaBuf) -> None:
+        await buf.resv.wait(Usage.BOOKKEEP)
+        self._fence_signalled(buf, None)
 
     async def _prepare(self, buf: DmaBuf | None) -> DmaBuf:
-        """Make a buffer ready for a new owner; on failure give its slot back."""
-        if buf is not None and buf in self._dirty:
-            if self._reusable:
-                try:
-                    async with buf.cpu_access("w") as view:
-                        _zero(view)
-                except BaseException:
-                    self._hand_on(buf)  # still dirty
-                    raise
-                self._dirty.discard(buf)
+        """Make a buffer (or a slot) ready for a new owner, then lend it.
+
+        On failure or cancellation the buffer, or the slot, goes to the next
+        waiter; if the pool closed meanwhile, the buffer is put.
+        """
+        try:
+            if buf is None:
+                await self._put_retired()
+                self._check_open()
+                buf = await self._allocate()
+            elif buf in self._clean:
+                self._clean.discard(buf)
                 self._reused += 1
-                return buf
-            # No CPU view to zero it through: replace it by fresh memory.
-            self._dirty.discard(buf)
+            else:
+                async with buf.cpu_access("w") as view:
+                    _zero(view)
+                    del view
+                self._reused += 1
+        except BaseException:
+            self._hand_on(buf)
+            raise
+        if self._closed:  # aclose() ran while we allocated or zeroed
+            self._slots -= 1
             with anyio.CancelScope(shield=True):
                 await buf.put()
-            buf = None
-        if buf is not None:
-            return buf
-        try:
-            buf = await self._allocate()
-        except BaseException:
-            self._slots -= 1
-            self._hand_on(None)
-            raise
-        self._allocated += 1
+            raise InvalidArgument(f"{self!r} closed while allocating")
+        self._lend(buf)
         return buf
 
     async def _allocate(self) -> DmaBuf:
         buf = await self._exporter.allocate(self._size, name=self._name)
+        if not isinstance(buf, DmaBuf):
+            raise TypeError(
+                f"{type(self._exporter).__name__}.allocate returned "
+                f"{type(buf).__name__}, not a DmaBuf"
+            )
+        self._allocated += 1
         if buf.size != self._size:
             with anyio.CancelScope(shield=True):
                 await buf.put()
@@ -254,55 +364,140 @@ class BufferPool:
             )
         return buf
 
+    def _lend(self, buf: DmaBuf) -> None:
+        self._lent[weakref.ref(buf, self._lost)] = None
+
+    def _lost(self, ref: weakref.ref[DmaBuf]) -> None:
+        """A lent buffer was garbage-collected: its finalizer did the put."""
+        if self._lent.pop(ref, _CLOSED) is None:
+            self._hand_on(None)
+
     # -- release ----------------------------------------------------------------
 
     def release(self, buf: DmaBuf) -> None:
-        """Take back a buffer from :meth:`acquire`; it is zeroed before reuse.
+        """Take back a buffer from :meth:`acquire`; never waits or checkpoints.
 
-        Never waits: the buffer goes to the longest waiter, or to the free list.
-        A buffer its owner already released (with ``put``) leaves the pool,
-        freeing its slot, and raises.
+        A buffer nothing else can reach goes to the longest waiter or the free
+        list (zeroed before it is handed out again); one with pending fences is
+        set aside until they signal. A buffer something else could still reach
+        (an fd was handed out, CPU access is open, another reference exists)
+        is never reused: it is put, and its slot serves a fresh allocation.
+        After :meth:`aclose`, the buffer is put at once.
 
         Raises:
-            InvalidArgument: ``buf`` is not lent by this pool, it is still
-                attached, someone else holds a reference to it, or it has
-                been released.
+            TypeError: ``buf`` is not a :class:`DmaBuf`.
+            InvalidArgument: ``buf`` is not lent by this pool (or was released
+                already); it is still attached (detach first: it stays lent);
+                its owner put it (it leaves the pool).
         """
-        if buf not in self._lent:
+        doomed = self._take_back(buf)
+        self._poll_fenced()
+        if doomed is None:
+            return
+        if self._closed:
+            _put_now(doomed)
+        else:
+            self._retired.append(doomed)
+
+    def _take_back(self, buf: DmaBuf) -> DmaBuf | None:
+        """Do :meth:`release`'s bookkeeping; return a buffer that must be put."""
+        if not isinstance(buf, DmaBuf):
+            raise TypeError(f"release() takes a DmaBuf, not {type(buf).__name__}")
+        ref = weakref.ref(buf)
+        if ref not in self._lent:
             raise InvalidArgument(f"{buf!r} is not lent by {self!r}")
         if buf.released:
-            self._lent.discard(buf)
-            self._slots -= 1
+            del self._lent[ref]
             self._hand_on(None)
             raise InvalidArgument(f"{buf!r} was put by its owner, not released")
-        if buf.attachments:
+        if buf.attachments and buf.refcount == 1:
             raise InvalidArgument(f"{buf!r} is still attached; detach it first")
-        if buf.refcount != 1:
-            raise InvalidArgument(
-                f"{buf!r} has {buf.refcount - 1} reference(s) besides the pool's"
-            )
-        self._lent.discard(buf)
-        self._dirty.add(buf)
-        self._hand_on(buf)
+        del self._lent[ref]
+        if self._closed or not self._private(buf):
+            self._clean.discard(buf)
+            self._replaced += 1
+            self._hand_on(None)
+            return buf
+        if not buf.resv.test(Usage.BOOKKEEP):
+            self._set_aside(buf)
+        else:
+            self._hand_on(buf)
+        return None
 
-    def _hand_on(self, buf: DmaBuf | None) -> None:
-        """Give a buffer (or, with None, a free slot) to the next waiter."""
-        if self._closed:
-            if buf is not None:
-                self._free.append(buf)  # aclose() puts it
-            if self._returned is not None:
-                self._returned.set()
+    def _private(self, buf: DmaBuf) -> bool:
+        """Whether nothing outside the pool can reach ``buf``'s bytes."""
+        return (
+            self._reusable
+            and buf.refcount == 1
+            and not buf.exposed
+            and not buf.cpu_access_open
+            and not buf.attachments
+        )
+
+    def _hand_on(self, value: object) -> None:
+        """Give a buffer (or, with None, a free slot) to the next waiter.
+
+        Also the wait queue's ``on_abandon``: what a cancelled waiter was
+        handed comes back here.
+        """
+        if value is _CLOSED:
             return
-        if self._waiters:
-            waiter = self._waiters.popleft()
-            waiter.buffer = buf
-            waiter.event.set()
-        elif buf is not None:
-            self._free.append(buf)
+        if self._closed:
+            self._slots -= 1
+            if isinstance(value, DmaBuf):
+                _put_now(value)
+            return
+        if self._queue.unpark(value) is not None:
+            return
+        if isinstance(value, DmaBuf):
+            self._free.append(value)
+        else:
+            self._slots -= 1
+
+    async def _put_retired(self) -> None:
+        with anyio.CancelScope(shield=True):
+            while self._retired:
+                await self._retired.pop().put()
+
+    # -- fences -------------------------------------------------------------------
+
+    def _set_aside(self, buf: DmaBuf) -> None:
+        callback = functools.partial(self._fence_signalled, buf)
+        self._fenced[buf] = callback
+        for fence, _ in buf.resv.fences(Usage.BOOKKEEP):
+            fence.add_callback(callback)
+        self._fence_signalled(buf, None)  # one may have signalled meanwhile
+
+    def _fence_signalled(self, buf: DmaBuf, _: Fence | None) -> None:
+        """A fence of a set-aside buffer signalled: free it once all have."""
+        if buf not in self._fenced or not buf.resv.test(Usage.BOOKKEEP):
+            return
+        # Testing polls a fence known by its fd, whose signal may call this
+        # again: whichever call pops the buffer hands it on.
+        if self._fenced.pop(buf, None) is not None:
+            self._hand_on(buf)
+
+    def _poll_fenced(self) -> None:
+        """Notice fences that signal only when asked (imported from an fd)."""
+        for buf in list(self._fenced):
+            self._fence_signalled(buf, None)
+
+    def _unwatch(self, buf: DmaBuf) -> None:
+        callback = self._fenced.pop(buf)
+        for fence, _ in buf.resv.fences(Usage.BOOKKEEP):
+            fence.remove_callback(callback)
+
+    # -- the async form -------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def buffer(self) -> AsyncIterator[DmaBuf]:
         """``async with pool.buffer() as buf``: acquire, then release on exit.
+
+        On a clean exit a reusable buffer is zeroed before it goes back (so
+        the owner's bytes do not linger and :meth:`try_acquire` can serve
+        it), and a buffer that must be put is put before the exit returns.
+        If the body raises, the buffer is released as by :meth:`release` and
+        the body's exception propagates.
 
         Raises:
             As :meth:`acquire` and :meth:`release`.
@@ -310,8 +505,33 @@ class BufferPool:
         buf = await self.acquire()
         try:
             yield buf
-        finally:
-            self.release(buf)
+        except BaseException:
+            await self._give_back(buf)
+            raise
+        if (
+            weakref.ref(buf) in self._lent  # not released in the body already
+            and self._private(buf)
+            and not self._closed
+            and buf.resv.test(Usage.BOOKKEEP)
+        ):
+            try:
+                async with buf.cpu_access("w") as view:
+                    _zero(view)
+                    del view
+            except BaseException:
+                await self._give_back(buf)
+                raise
+            if self._private(buf):
+                self._clean.add(buf)
+        await self._give_back(buf)
+
+    async def _give_back(self, buf: DmaBuf) -> None:
+        """:meth:`release`, putting at once (shielded) what must be put."""
+        doomed = self._take_back(buf)
+        self._poll_fenced()
+        if doomed is not None:
+            with anyio.CancelScope(shield=True):
+                await doomed.put()
 
     # -- closing ----------------------------------------------------------------
 
@@ -320,26 +540,25 @@ class BufferPool:
             raise InvalidArgument(f"{self!r} is closed")
 
     async def aclose(self) -> None:
-        """Close the pool: put every buffer, waiting for lent ones to come back.
+        """Close the pool: put every buffer it holds; never waits for lent ones.
 
-        Waiters and later acquirers get ``InvalidArgument``. The puts are
-        shielded; waiting for lent buffers is not, so a cancelled close leaves
-        them to a later ``aclose()``.
+        Waiters and later acquirers get ``InvalidArgument``; an acquire that
+        is allocating puts its buffer and raises too. A buffer still lent is
+        put when it is released, or at garbage collection. The puts are
+        shielded; then, like trio's ``aclose``, a checkpoint.
         """
         if not self._closed:
             self._closed = True
-            while self._waiters:
-                self._waiters.popleft().event.set()
-        while True:
-            with anyio.CancelScope(shield=True):
-                while self._free:
-                    buf = self._free.pop()
-                    self._dirty.discard(buf)
-                    await buf.put()
-            if not self._lent:
-                break
-            self._returned = anyio.Event()
-            await self._returned.wait()
+            self._queue.unpark_all(_CLOSED)
+        with anyio.CancelScope(shield=True):
+            for buf in list(self._fenced):
+                self._unwatch(buf)
+                self._retired.append(buf)
+                self._slots -= 1
+            while self._free:
+                self._retired.append(self._free.pop())
+                self._slots -= 1
+            await self._put_retired()
         await anyio.lowlevel.checkpoint()
 
     async def __aenter__(self) -> BufferPool:
@@ -352,6 +571,40 @@ class BufferPool:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def _put_now(buf: DmaBuf) -> None:
+    """Put ``buf`` from synchronous code (a release after the pool closed).
+
+    ``put`` completes without suspending except for its closing checkpoint
+    when the buffer's lock is free and its exporter's ``release`` does not
+    suspend (every built-in exporter): it is stepped to that checkpoint. A
+    buffer whose put would have to wait is left to garbage collection, with a
+    ``ResourceWarning`` (``async with pool.buffer()`` always puts properly).
+    """
+    holder, waiting = lock_holder(buf)
+    if holder is not None or waiting:
+        warnings.warn(
+            f"{buf!r} is busy and cannot be put by a synchronous release",
+            ResourceWarning,
+            stacklevel=3,
+        )
+        return
+    step = buf.put()
+    try:
+        step.send(None)
+    except StopIteration:
+        return
+    if buf.released or buf.refcount:  # at the closing checkpoint: done
+        step.close()
+        return
+    step.close()  # the exporter's release suspended: it is cut short here
+    warnings.warn(
+        f"the release of {buf!r} by {buf.exporter.name!r} had to wait and was "
+        "cut short by a synchronous pool release; use async with pool.buffer()",
+        ResourceWarning,
+        stacklevel=3,
+    )
 
 
 def _zero(view: memoryview) -> None:
