@@ -20,6 +20,7 @@ import anyio
 import anyio.abc
 import trio.testing
 
+from asyncdmabuf import Fence
 from asyncdmabuf._backends import current_backend
 
 
@@ -120,3 +121,19 @@ def fd_targets() -> dict[int, str]:
 def fd_count() -> int:
     """How many fds this process has open."""
     return len(os.listdir("/proc/self/fd"))
+
+
+def imported_from(owner: Fence) -> Fence:
+    """An imported fence for ``owner``, as another process would see it."""
+    import weakref
+
+    from asyncdmabuf import _fence
+
+    fd = owner.export_fd()
+    known = _fence._by_file
+    _fence._by_file = weakref.WeakValueDictionary()
+    try:
+        return Fence.import_fd(fd)
+    finally:
+        _fence._by_file = known
+        os.close(fd)

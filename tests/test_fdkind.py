@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import fcntl
-import mmap
 import os
 import socket
 import struct
@@ -20,19 +19,14 @@ import asyncdmabuf as dmabuf
 from asyncdmabuf import _fdkind
 from asyncdmabuf.lowlevel import FdInfo, FdKind, classify
 
+from .fds import PAGE, RESIZE, memfd, o_path_fd, pipe_fd, socket_fd
 from .helpers import fd_count
 from .test_hostile_peer import _line, ramfs_forgery, record
 
-PAGE = mmap.PAGESIZE
-RESIZE = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-
 
 def _memfd(size: int = PAGE, seals: int = 0, flags: int = os.MFD_ALLOW_SEALING) -> int:
-    fd = os.memfd_create("fdkind", os.MFD_CLOEXEC | flags)
-    os.ftruncate(fd, size)
-    if seals:
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
-    return fd
+    sealable = bool(flags & os.MFD_ALLOW_SEALING)
+    return memfd(size, seals, sealable=sealable, flags=flags & ~os.MFD_ALLOW_SEALING)
 
 
 def _hugetlb_memfd() -> int:
@@ -54,26 +48,6 @@ def _disk_file() -> int:
     return os.open(Path(__file__), os.O_RDONLY | os.O_CLOEXEC)
 
 
-def _pipe() -> int:
-    r, w = os.pipe()
-    os.close(w)
-    return r
-
-
-def _socket() -> int:
-    a, b = socket.socketpair()
-    b.close()
-    return a.detach()
-
-
-def _o_path() -> int:
-    fd = _memfd(PAGE, RESIZE)
-    try:  # an O_PATH fd of a perfectly good memfd: still no memory to map
-        return os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
-    finally:
-        os.close(fd)
-
-
 #: fd maker -> (kind, get()'s verdict: "buffer", "read-only" or an error class)
 TABLE: dict[str, tuple[Callable[[], int], FdKind, object]] = {
     "memfd sealed": (lambda: _memfd(PAGE, RESIZE), FdKind.MEMFD, "buffer"),
@@ -88,8 +62,8 @@ TABLE: dict[str, tuple[Callable[[], int], FdKind, object]] = {
     "hugetlb memfd": (_hugetlb_memfd, FdKind.MEMFD, "hugetlb"),
     "tmpfs file": (_tmpfs_file, FdKind.OTHER, dmabuf.InvalidArgument),
     "disk file": (_disk_file, FdKind.OTHER, dmabuf.InvalidArgument),
-    "pipe": (_pipe, FdKind.PIPE, dmabuf.InvalidArgument),
-    "socket": (_socket, FdKind.SOCKET, dmabuf.InvalidArgument),
+    "pipe": (pipe_fd, FdKind.PIPE, dmabuf.InvalidArgument),
+    "socket": (socket_fd, FdKind.SOCKET, dmabuf.InvalidArgument),
     "eventfd": (
         lambda: os.eventfd(0, os.EFD_CLOEXEC),
         FdKind.OTHER,
@@ -105,7 +79,7 @@ TABLE: dict[str, tuple[Callable[[], int], FdKind, object]] = {
         FdKind.OTHER,
         dmabuf.InvalidArgument,
     ),
-    "O_PATH": (_o_path, FdKind.OTHER, dmabuf.InvalidArgument),
+    "O_PATH": (o_path_fd, FdKind.OTHER, dmabuf.InvalidArgument),
 }
 
 

@@ -21,9 +21,9 @@ from contextlib import contextmanager
 import anyio
 import pytest
 
-from asyncdmabuf import Fence, FenceContext, _fence, _fence_watch
+from asyncdmabuf import Fence, FenceContext, _fence_watch
 
-from .helpers import wait_all_blocked
+from .helpers import imported_from, wait_all_blocked
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("no_socket_leaks")]
 
@@ -55,18 +55,6 @@ def no_collection() -> Iterator[None]:
 
 def is_signaled(fence: Fence) -> bool:
     return fence.signaled
-
-
-def imported_from(owner: Fence) -> Fence:
-    """An imported fence for ``owner``, as another process would see it."""
-    fd = owner.export_fd()
-    known = _fence._by_file
-    _fence._by_file = weakref.WeakValueDictionary()
-    try:
-        return Fence.import_fd(fd)
-    finally:
-        _fence._by_file = known
-        os.close(fd)
 
 
 def test_fence_chain_of_4096_links_signals_with_the_last() -> None:

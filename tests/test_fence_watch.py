@@ -23,23 +23,11 @@ import pytest
 from asyncdmabuf import Fence, Reservation, Usage, _fence, _fence_watch
 from asyncdmabuf.exporters import MemfdExporter
 
-from .helpers import fd_count
+from .helpers import fd_count, imported_from
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("no_socket_leaks")]
 
 EXPORTS = 100
-
-
-def imported_from(owner: Fence) -> Fence:
-    """An imported fence for ``owner``, as another process would see it."""
-    fd = owner.export_fd()
-    known = _fence._by_file
-    _fence._by_file = weakref.WeakValueDictionary()
-    try:
-        return Fence.import_fd(fd)
-    finally:
-        _fence._by_file = known
-        os.close(fd)
 
 
 def readable(fd: int) -> bool:

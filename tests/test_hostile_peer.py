@@ -36,6 +36,7 @@ from asyncdmabuf import _import
 from asyncdmabuf._fd import seal_against_resizing
 from asyncdmabuf.exporters import MemfdExporter
 
+from .fds import o_path_fd, pipe_fd, socket_fd
 from .helpers import fd_count
 
 pytestmark = pytest.mark.anyio
@@ -303,26 +304,6 @@ async def test_more_fds_than_a_share_carries_are_all_closed() -> None:
 # -- 7. garbage, missing fds, lies, fds that are not memory ------------------------
 
 
-def _pipe() -> int:
-    r, w = os.pipe()
-    os.close(w)
-    return r
-
-
-def _socket() -> int:
-    a, b = socket.socketpair()
-    b.close()
-    return a.detach()
-
-
-def _o_path() -> int:
-    fd = memfd(PAGE, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
-    try:
-        return os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
-    finally:
-        os.close(fd)
-
-
 ATTACKS: dict[str, tuple[bytes, list[Callable[[], int]]]] = {
     "no fd": (record(), []),
     "garbage": (b"\xff" * 64, [memfd]),
@@ -331,12 +312,12 @@ ATTACKS: dict[str, tuple[bytes, list[Callable[[], int]]]] = {
     "unsealable memfd": (record(), [lambda: memfd(sealable=False)]),
     "memfd sealed with F_SEAL_SEAL only": (record(), [lambda: memfd(PAGE, 1)]),
     "empty memfd": (record(), [lambda: memfd(0)]),
-    "a pipe": (record(), [_pipe]),
-    "a socket": (record(), [_socket]),
+    "a pipe": (record(), [pipe_fd]),
+    "a socket": (record(), [socket_fd]),
     "an eventfd": (record(), [lambda: os.eventfd(0, os.EFD_CLOEXEC)]),
     "a directory": (record(), [lambda: os.open("/", os.O_RDONLY | os.O_DIRECTORY)]),
     "/dev/zero": (record(), [lambda: os.open("/dev/zero", os.O_RDWR)]),
-    "an O_PATH fd of a memfd": (record(), [_o_path]),
+    "an O_PATH fd of a memfd": (record(), [o_path_fd]),
     "writable flag, read-only fd": (
         record(),
         [lambda: os.open("/dev/zero", os.O_RDONLY)],
