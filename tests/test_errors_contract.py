@@ -56,3 +56,25 @@ def test_format_bufinfo_needs_records() -> None:
         dmabuf.format_bufinfo("x")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         dmabuf.format_bufinfo([1])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize(
+    ("device", "named"),
+    [
+        (
+            dmabuf.Device("c", contiguous=True, max_segment_size=4096),
+            "max_segment_size",
+        ),
+        (dmabuf.Device("m", dma_mask=0xFFF), "dma_mask"),
+        (dmabuf.Device("s", max_segment_size=1), "entries"),
+    ],
+    ids=["contiguous", "mask", "too-many-entries"],
+)
+async def test_busy_at_attach_names_the_constraint(
+    device: dmabuf.Device, named: str
+) -> None:
+    buf = await MemfdExporter().allocate(1 << 20)
+    with pytest.raises(dmabuf.Busy, match=named):
+        await buf.attach(device)
+    assert buf.attachments == ()
+    await buf.put()
