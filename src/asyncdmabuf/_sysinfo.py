@@ -265,7 +265,7 @@ class SysInfo:
     """A scan of the machine: its buffers, per-process totals, what was not seen."""
 
     buffers: tuple[SysBuffer, ...]
-    """Ordered by kind then inode."""
+    """memfds first, then kernel dma-bufs; each by inode."""
     processes: tuple[ProcessUsage, ...]
     """Processes holding or mapping a buffer, by pid."""
     uninspected: tuple[Uninspected, ...]
@@ -403,7 +403,8 @@ class _Scan:
                 mappings=tuple(sorted(b.mappings, key=lambda m: (m.pid, m.start))),
             )
             for (dev, ino), b in sorted(
-                self.buffers.items(), key=lambda kv: (kv[1].kind, kv[0][1], kv[0][0])
+                self.buffers.items(),
+                key=lambda kv: (kv[1].kind != "memfd", kv[0][1], kv[0][0]),
             )
         )
         return SysInfo(
@@ -412,6 +413,11 @@ class _Scan:
             uninspected=tuple(v for _, v in sorted(self.uninspected.items())),
             scanned=self.scanned,
         )
+
+
+def _order(item: tuple[tuple[int, int], _Builder]) -> tuple[bool, int, int]:
+    (dev, ino), b = item
+    return b.kind != "memfd", ino, dev
 
 
 def _usage(
