@@ -28,6 +28,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from . import _bufinfo_cli
 from ._backends import BACKENDS
 from ._errors import DmaBufError
 from ._stress import (
@@ -220,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--strict", action="store_true", help="exit 1 if any goal is not met"
     )
     bench.set_defaults(handler=_bench_command)
+
+    bufinfo = commands.add_parser(
+        "bufinfo",
+        help="list every buffer on the machine: who holds it, who maps it",
+        description="Read /proc/*/fd, fdinfo and maps (no cooperation from the "
+        "processes needed) and list every asyncdmabuf memfd and kernel dma-buf.",
+    )
+    _bufinfo_cli.add_arguments(bufinfo)
+    bufinfo.set_defaults(handler=_bufinfo_cli.bufinfo_command)
     return parser
 
 
