@@ -46,7 +46,7 @@ class MemfdExporter(MappedExporter):
         check_int(size, "size")
         check_name(name)
         await anyio.lowlevel.checkpoint()
-        fd = sealed_memfd(name or "dmabuf", size, exporter=self.name)
+        fd = sealed_memfd(name or "", size, exporter=self.name)
         return export_mapped(self, fd, size, name=name, writable=True)
 
 

@@ -23,14 +23,13 @@ from rich.console import Console
 
 from asyncdmabuf import _bufinfo_cli, _sysinfo
 from asyncdmabuf._backends import BACKENDS
+from asyncdmabuf._label import memfd_label, parse_memfd_label
 from asyncdmabuf._sysinfo import (
     FdHolder,
     Mapping,
     SysBuffer,
     SysInfo,
     Uninspected,
-    memfd_label,
-    parse_memfd_label,
     scan,
 )
 

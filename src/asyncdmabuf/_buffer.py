@@ -261,7 +261,7 @@ class DmaBuf:
         if self._file is None:
             # Exporters without memory of their own still need a file to travel
             # as: an empty sealed memfd, which no importer can mistake for bytes.
-            fd = _fd.sealed_memfd(self._name or "dmabuf", 0)
+            fd = _fd.sealed_memfd(self._name or "", 0, exporter=self._exporter.name)
             try:
                 self._adopt_file(fd)
             except BaseException:

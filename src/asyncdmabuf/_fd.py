@@ -10,6 +10,7 @@ import os
 
 from ._errors import BadFileDescriptor, InvalidArgument, OutOfMemory, from_oserror
 from ._fdkind import RESIZE_SEALS
+from ._label import memfd_label
 
 __all__ = [
     "MEMFD_SEALS",
@@ -74,8 +75,8 @@ def sealed_memfd(name: str, size: int, *, exporter: str = "") -> int:
     """Create a memfd of ``size`` zero bytes, sealed against resizing.
 
     Its name (in ``/proc/<pid>/fd`` and ``/proc/<pid>/maps``) is
-    ``asyncdmabuf:<exporter>:<name>``, or ``asyncdmabuf:<name>`` without an
-    exporter name.
+    ``asyncdmabuf:<exporter>:<name>`` (:func:`memfd_label`), which the
+    machine-wide ``asyncdmabuf bufinfo`` reads back.
 
     Returns:
         The fd, ``O_CLOEXEC``; the caller owns it.
@@ -84,8 +85,7 @@ def sealed_memfd(name: str, size: int, *, exporter: str = "") -> int:
         OutOfMemory: The kernel could not allocate it.
         DmaBufError: Another syscall failure, with its errno.
     """
-    prefix = f"asyncdmabuf:{exporter}:" if exporter else "asyncdmabuf:"
-    label = (prefix + name).encode()[:240].decode(errors="ignore")
+    label = memfd_label(exporter, name)
     try:
         fd = os.memfd_create(label, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     except OSError as exc:

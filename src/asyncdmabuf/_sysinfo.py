@@ -26,6 +26,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ._label import _DELETED, parse_memfd_label
+
 __all__ = [
     "FdHolder",
     "Mapping",
@@ -33,81 +35,15 @@ __all__ = [
     "SysBuffer",
     "SysInfo",
     "Uninspected",
-    "memfd_label",
-    "parse_memfd_label",
     "scan",
 ]
 
-#: What every asyncdmabuf memfd's label starts with.
-LABEL_PREFIX = "asyncdmabuf:"
-#: ``memfd_create`` takes at most 249 bytes (NAME_MAX less ``memfd:``); stay below.
-_LABEL_MAX = 240
-_DELETED = " (deleted)"
 #: errnos that mean the process (or its fd) went away while we read it.
 _GONE = frozenset({errno.ENOENT, errno.ESRCH})
 _DENIED = frozenset({errno.EACCES, errno.EPERM})
 
 Kind = Literal["memfd", "dma-buf"]
 Reason = Literal["permission", "vanished", "zombie"]
-
-
-# -- labels ----------------------------------------------------------------------------
-
-
-def _escape(text: str) -> str:
-    return text.replace("%", "%25").replace(":", "%3A").replace("\0", "%00")
-
-
-def _unescape(text: str) -> str:
-    return text.replace("%00", "\0").replace("%3A", ":").replace("%25", "%")
-
-
-def memfd_label(exporter: str, name: str | None) -> str:
-    """Return the ``memfd_create`` label of a buffer: ``asyncdmabuf:EXPORTER:NAME``.
-
-    The exporter's ``%``, ``:`` and NUL are escaped (``%25``, ``%3A``, ``%00``) so
-    that the first ``:`` after the prefix ends it; the name (at most 32 bytes,
-    empty for None) follows unchanged. A long exporter name is cut so the label
-    fits ``memfd_create``'s limit; :func:`parse_memfd_label` reads it back.
-
-    Raises:
-        TypeError: ``exporter`` is not a str, or ``name`` neither a str nor None.
-    """
-    if not isinstance(exporter, str):
-        raise TypeError(f"exporter must be a str, not {type(exporter).__name__}")
-    if name is not None and not isinstance(name, str):
-        raise TypeError(f"name must be a str or None, not {type(name).__name__}")
-    tail = (":" + (name or "")).encode("utf-8", "surrogateescape")
-    room = max(_LABEL_MAX - len(LABEL_PREFIX) - len(tail), 0)
-    head = _escape(exporter).encode("utf-8", "surrogateescape")
-    if len(head) > room:
-        head = head[:room]
-        cut = head.rfind(b"%", max(len(head) - 2, 0))
-        if cut >= 0:  # do not leave half an escape behind
-            head = head[:cut]
-    label = (LABEL_PREFIX.encode() + head + tail)[:_LABEL_MAX]
-    return label.decode("utf-8", errors="ignore")
-
-
-def parse_memfd_label(label: str) -> tuple[str | None, str | None] | None:
-    """Return ``(exporter, name)`` from an asyncdmabuf memfd label, or None.
-
-    Reads both forms: ``asyncdmabuf:EXPORTER:NAME`` (:func:`memfd_label`) and the
-    older ``asyncdmabuf:NAME``, whose exporter is unknown (None). An empty name
-    is None. ``label`` may carry the ``memfd:`` prefix and ``" (deleted)"``
-    suffix of a ``/proc`` link, with or without its leading ``/``.
-    """
-    text = label.removeprefix("/").removeprefix("memfd:").removesuffix(_DELETED)
-    if not text.startswith(LABEL_PREFIX):
-        return None
-    rest = text[len(LABEL_PREFIX) :]
-    exporter: str | None
-    exporter, sep, name = rest.partition(":")
-    if not sep:  # the old form: the rest is the name
-        exporter, name = None, rest
-    else:
-        exporter = _unescape(exporter) or None
-    return exporter, name or None
 
 
 def classify_link(target: str) -> tuple[Kind, str | None, str | None] | None:
