@@ -93,11 +93,6 @@ class Attachment:
         """The tables mapped and not yet unmapped, oldest first."""
         return tuple(self._mappings)
 
-    @property
-    def checked_entries(self) -> tuple[SgEntry, ...] | None:
-        """The entries tuple last checked against this device (a cached layout)."""
-        return self._checked
-
     def is_mapped(self, sgt: SgTable) -> bool:
         """Return whether ``sgt`` is one of this attachment's live mappings."""
         return sgt in self._mappings
@@ -198,17 +193,18 @@ class Attachment:
             InvalidArgument: It does not cover the buffer or breaks the
                 device's constraints.
         """
+        # The hot path of every map: the table's fields are read directly.
         if (
             type(sgt) is not SgTable
-            or sgt.attachment is not self
-            or sgt.direction is not direction
+            or sgt._attachment is not self
+            or sgt._direction is not direction
             or sgt in self._mappings
         ):
             raise DmaBufError(
                 f"exporter {self._buffer.exporter.name!r} returned {sgt!r}, "
                 f"not a fresh {direction.name} table for {self!r}"
             )
-        entries = sgt.entries
+        entries = sgt._entries
         if entries is not self._checked:
             check_entries(entries, self._buffer.size, self._device)
             self._checked = entries

@@ -45,6 +45,13 @@ class _State(enum.Enum):
     RELEASED = "released"
 
 
+# Module constants: looking an enum member up on its class costs more than the
+# check it is for, on paths (try_map) that do little else.
+_LIVE = _State.LIVE
+_RELEASING = _State.RELEASING
+_RELEASED = _State.RELEASED
+
+
 #: Buffers by the identity of their file, for get(fd).
 _by_file: weakref.WeakValueDictionary[tuple[int, int], DmaBuf] = (
     weakref.WeakValueDictionary()
@@ -107,7 +114,7 @@ class DmaBuf:
         self.priv: Any = priv
         self._name = name
         self._refcount = 1
-        self._state = _State.LIVE
+        self._state = _LIVE
         self._lock = FifoLock()
         self._attachments: list[Attachment] | None = None  # made on first attach
         self._cpu = _cpu_access.CpuState()
@@ -141,7 +148,7 @@ class DmaBuf:
     @property
     def released(self) -> bool:
         """True once the last put has released the buffer."""
-        return self._state is _State.RELEASED
+        return self._state is _RELEASED
 
     @property
     def attachments(self) -> tuple[Attachment, ...]:
@@ -246,7 +253,7 @@ class DmaBuf:
     # -- files ------------------------------------------------------------------
 
     def _check_live(self) -> None:
-        if self._state is not _State.LIVE:
+        if self._state is not _LIVE:
             raise InvalidArgument(f"{self!r} has been released")
 
     def _adopt_file(self, fd: int) -> None:
@@ -317,7 +324,7 @@ class DmaBuf:
         if self._refcount:
             await lock.checkpoint()
             return
-        self._state = _State.RELEASING
+        self._state = _RELEASING
         _fileless.discard(self)
         leftovers = [att.device.name for att in self.attachments]
         errors: list[Exception] = []
@@ -331,7 +338,7 @@ class DmaBuf:
             except Exception as exc:
                 errors.append(exc)
         finally:
-            self._state = _State.RELEASED
+            self._state = _RELEASED
             self._close_file()
             lock.release()
         if leftovers:
@@ -360,12 +367,12 @@ class DmaBuf:
         await self.put()
 
     def __del__(self) -> None:
-        if getattr(self, "_state", _State.RELEASED) is _State.RELEASED:
+        if getattr(self, "_state", _RELEASED) is _RELEASED:
             return
         # Garbage collection frees what the last put would have: the exporter
         # gets its memory back. Ops that never wait run now; one that would
         # wait cannot run without a loop, and the warning says so.
-        self._state = _State.RELEASED
+        self._state = _RELEASED
         errors: list[Exception] = []
         done = True
         try:
@@ -519,7 +526,7 @@ def export(
         try:
             buf._adopt_file(check_fd(fd))
         except BaseException:
-            buf._state = _State.RELEASED  # never handed out: no warning
+            buf._state = _RELEASED  # never handed out: no warning
             raise
     if fd is None:
         _fileless.add(buf)
@@ -547,7 +554,7 @@ def get(fd: int) -> DmaBuf:
 def get_classified(fd: int, info: FdInfo) -> DmaBuf:
     """:func:`get` of an fd already classified (``info`` is ``classify(fd)``)."""
     buf = _by_file.get(info.key)
-    if buf is not None and buf._state is not _State.RELEASED:
+    if buf is not None and buf._state is not _RELEASED:
         return buf._get()
     from ._import import import_fd  # the built-in importer (it imports this module)
 

@@ -35,6 +35,7 @@ def check_entries(entries: tuple[SgEntry, ...], size: int, device: Device) -> No
     """Check that ``entries`` cover ``[0, size)`` exactly and fit ``device``.
 
     Raises:
+        TypeError: An entry is not an :class:`SgEntry`.
         InvalidArgument: A gap, an overlap, a short or long table, or an entry
             that breaks one of the device's constraints (named in the message).
     """
@@ -44,6 +45,10 @@ def check_entries(entries: tuple[SgEntry, ...], size: int, device: Device) -> No
         )
     expected = 0
     for entry in entries:
+        if type(entry) is not SgEntry:
+            raise TypeError(
+                f"table entries must be SgEntry, not {type(entry).__name__}"
+            )
         address, length, offset = entry
         if offset != expected:
             raise InvalidArgument(
@@ -73,8 +78,8 @@ class SgTable(Sequence[SgEntry]):
         attachment: The attachment it was mapped for.
 
     Raises:
-        TypeError: An entry is not an :class:`SgEntry`, the direction is not
-            one, or ``attachment`` is not an :class:`Attachment`.
+        TypeError: The direction is not one, or ``attachment`` is not an
+            :class:`Attachment`.
         InvalidArgument: The direction is an int that names none.
     """
 
@@ -91,14 +96,11 @@ class SgTable(Sequence[SgEntry]):
             raise TypeError(
                 f"an SgTable needs an Attachment, not {type(attachment).__name__}"
             )
-        items = entries if type(entries) is tuple else tuple(entries)
-        if items is not attachment.checked_entries:
-            for entry in items:
-                if type(entry) is not SgEntry:
-                    raise TypeError(
-                        f"table entries must be SgEntry, not {type(entry).__name__}"
-                    )
-        self._entries: tuple[SgEntry, ...] = items
+        # The entries are checked by the attachment the table is returned to
+        # (once per cached layout), not here on every map.
+        self._entries: tuple[SgEntry, ...] = (
+            entries if type(entries) is tuple else tuple(entries)
+        )
         self._direction = check_direction(direction)
         self._attachment = attachment
 
