@@ -1,6 +1,7 @@
 """Every ```python block of the docs (and README.md) runs, so they cannot drift.
 
-Each page's blocks run in order in one namespace, once per backend: examples
+Each block runs alone, in a fresh namespace, as it would pasted into a new
+file: so every block has its own imports. It runs once per backend: examples
 call ``anyio.run(main)``, and the test points ``anyio.run`` at the backend
 under test (asyncio, asyncio+uvloop, trio). A block is left out only when the
 line right before its fence says so:
@@ -10,13 +11,16 @@ line right before its fence says so:
   listed by ``test_examples_waiting_for_features``) until then.
 
 A block holding only snippet lines (``--8<-- "docs/examples/x.py:section"``)
-shows part of a module under ``docs/examples/``; the page runs the whole module
-where its first section appears.
+shows part of a module under ``docs/examples/``; the whole module runs (in a
+fresh namespace) where its first section appears. ``docs/examples/`` is on
+``sys.path`` while blocks run, so a block may ``from slab_exporter import ...``
+as a reader who saved the module next to it would.
 ``make docs`` (part of ``make test``) checks that the site builds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import re
 from collections.abc import Callable
@@ -29,6 +33,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
+EXAMPLES = DOCS / "examples"
 #: The most blocks that may be marked ``<!-- no-test -->`` in all the docs.
 NO_TEST_LIMIT = 3
 
@@ -96,7 +101,6 @@ def _pages() -> list[Path]:
 
 
 ALL_BLOCKS = [block for page in _pages() for block in _blocks(page)]
-PAGES = sorted({block.page for block in ALL_BLOCKS})
 
 
 def _available(requirement: str) -> bool:
@@ -124,38 +128,56 @@ def _runner(backend: tuple[str, dict[str, Any]]) -> Callable[..., Any]:
     return run
 
 
-def _run_page(page: str, backend: tuple[str, dict[str, Any]]) -> dict[str, Any]:
-    namespace: dict[str, Any] = {"__name__": "docs_example"}
-    loaded: set[str] = set()
+def _runnable() -> list[Block]:
+    """The blocks to run: each snippet module once, where it first appears."""
+    seen: set[str] = set()
+    runnable: list[Block] = []
+    for block in ALL_BLOCKS:
+        if block.no_test:
+            continue
+        if block.snippets:
+            fresh = tuple(p for p in dict.fromkeys(block.snippets) if p not in seen)
+            seen.update(fresh)
+            if not fresh:
+                continue
+            block = dataclasses.replace(block, snippets=fresh)
+        runnable.append(block)
+    return runnable
+
+
+RUNNABLE = _runnable()
+
+
+def _run_block(block: Block, backend: tuple[str, dict[str, Any]]) -> None:
+    """Run one block (or the modules it shows) alone, on ``backend``."""
+    if block.snippets:
+        sources = [
+            (str(ROOT / p), (ROOT / p).read_text("utf-8")) for p in block.snippets
+        ]
+    else:
+        sources = [(f"{block.page}:{block.line}", block.code)]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(anyio, "run", _runner(backend))
-        for block in ALL_BLOCKS:
-            if block.page != page or block.no_test:
-                continue
-            if block.requires and not _available(block.requires):
-                continue
-            if block.snippets:
-                for path in block.snippets:
-                    if path not in loaded:
-                        loaded.add(path)
-                        source = (ROOT / path).read_text(encoding="utf-8")
-                        exec(compile(source, str(ROOT / path), "exec"), namespace)
-                continue
-            code = compile(block.code, f"{page}:{block.line}", "exec")
+        patch.syspath_prepend(str(EXAMPLES))
+        for filename, source in sources:
+            namespace: dict[str, Any] = {"__name__": "docs_example"}
             try:
-                exec(code, namespace)
+                exec(compile(source, filename, "exec"), namespace)
             except BaseException as exc:
-                exc.add_note(f"in the example at {page} line {block.line}")
+                exc.add_note(f"in the example at {block.page} line {block.line}")
                 raise
-    return namespace
 
 
-@pytest.mark.parametrize("page", PAGES)
-def test_page_examples_run(
-    page: str, anyio_backend: tuple[str, dict[str, Any]]
+@pytest.mark.parametrize(
+    "block", RUNNABLE, ids=[f"{b.page}:{b.line}" for b in RUNNABLE]
+)
+def test_example_runs_alone(
+    block: Block, anyio_backend: tuple[str, dict[str, Any]]
 ) -> None:
-    """Run every example of ``page`` in order, on the backend under test."""
-    _run_page(page, anyio_backend)
+    """Run one example alone, in a namespace of its own, on the backend under test."""
+    if block.requires and not _available(block.requires):
+        pytest.skip(f"needs {block.requires}")
+    _run_block(block, anyio_backend)
 
 
 def test_every_example_is_tested() -> None:

@@ -4,7 +4,9 @@ Buffers live in fixed-size slabs of one anonymous memory area. A buffer gets
 its slab late, at its first map or CPU access (so a buffer that is never used
 costs nothing), and waits for one while every slab is taken. The slab is
 cleared a chunk at a time, letting other tasks run in between; a cancellation
-in the middle gives the slab back. ``tests/test_conformance.py`` runs the
+in the middle gives the slab back. Ops that never wait are plain functions.
+It imports only :mod:`asyncdmabuf`, as every exporter should (and
+:mod:`asyncdmabuf.lowlevel` for the toolkit). ``tests/test_conformance.py`` runs the
 exporter conformance suite on this very file.
 """
 
@@ -99,8 +101,10 @@ class SlabExporter(dmabuf.Exporter):
     # --8<-- [end:backing]
 
     # --8<-- [start:attach]
-    async def attach(self, buf: DmaBuf, attachment: Attachment) -> None:
+    def attach(self, buf: DmaBuf, attachment: Attachment) -> None:
         """Refuse, before any map, a device this exporter can never serve.
+
+        A plain function: it never waits.
 
         It must reach every slab; a contiguous one must take the buffer whole.
         """
@@ -136,9 +140,7 @@ class SlabExporter(dmabuf.Exporter):
             raise Busy(f"{attachment.buffer!r} has no slab yet")
         return self._table(attachment, direction)
 
-    async def unmap(
-        self, attachment: Attachment, sgt: SgTable, direction: Direction
-    ) -> None:
+    def unmap(self, attachment: Attachment, sgt: SgTable, direction: Direction) -> None:
         """Nothing to do: a buffer keeps its slab until it is released."""
 
     # --8<-- [end:map]
@@ -154,7 +156,8 @@ class SlabExporter(dmabuf.Exporter):
         start = state.slab * self.slab_size
         return memoryview(self.memory)[start : start + buf.size]
 
-    async def release(self, buf: DmaBuf) -> None:
+    def release(self, buf: DmaBuf) -> None:
+        """Give the slab back. Plain: garbage collection can run it too."""
         state: _SlabBuffer = buf.priv
         if state.slab is not None:
             self._give_back(state.slab)
