@@ -5,6 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
+import asyncdmabuf as dmabuf
 from asyncdmabuf._lock import FifoLock, LockStatistics
 from asyncdmabuf.lowlevel import WaitQueue, WaitQueueStatistics
 
@@ -119,3 +120,23 @@ async def test_lock_statistics_are_frozen_snapshots() -> None:
         lock.release()
     lock.release()
     assert not lock.statistics().locked
+
+
+async def test_a_buffer_shows_its_lock_statistics() -> None:
+    from asyncdmabuf.exporters import MemfdExporter
+
+    buf = await MemfdExporter().allocate(4096)
+    assert buf.lock_statistics() == LockStatistics(False, None, 0)
+    att = await buf.attach(dmabuf.Device("d"))
+    assert buf._lock.acquire_nowait()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(att.map, dmabuf.Direction.TO_DEVICE)
+        await wait_all_blocked()
+        stats = buf.lock_statistics()
+        assert stats.locked
+        assert stats.tasks_waiting == 1
+        buf._lock.release()
+    (sgt,) = att.mappings
+    await att.unmap(sgt)
+    await att.detach()
+    await buf.put()

@@ -23,6 +23,7 @@ from ._errors import (
 )
 from ._exporter import CpuMode, Exporter
 from ._fence import Fence, FenceContext
+from ._lock import LockStatistics
 from ._pool import BufferPool, PoolStatistics
 from ._resv import Reservation, Usage
 from ._sgtable import Direction, SgEntry, SgTable
@@ -53,6 +54,7 @@ __all__ = [
     "FenceInfo",
     "InjectedFault",
     "InvalidArgument",
+    "LockStatistics",
     "NoDevice",
     "OutOfMemory",
     "PoolStatistics",

@@ -28,7 +28,7 @@ from ._device import Device
 from ._errors import InvalidArgument
 from ._exporter import Exporter
 from ._fdkind import FdInfo, classify
-from ._lock import FifoLock
+from ._lock import FifoLock, LockStatistics
 from ._operation import Operation
 from ._resv import Reservation
 from ._types import CpuMode
@@ -207,6 +207,10 @@ class DmaBuf:
         """
         self._check_live()
         self.resv.import_sync_fd(fd, mode)
+
+    def lock_statistics(self) -> LockStatistics:
+        """Return a frozen snapshot of the buffer's lock: locked, owner, waiting."""
+        return self._lock.statistics()
 
     @property
     def exposed(self) -> bool:
