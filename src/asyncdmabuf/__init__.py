@@ -8,6 +8,7 @@ and a checkpoint; every ``try_*`` operation is a plain function that never waits
 
 from __future__ import annotations
 
+from . import _reduction  # noqa: F401  (DmaBuf pickles through multiprocessing)
 from ._buffer import Attachment, DmaBuf, export, get
 from ._bufinfo import AttachmentInfo, BufInfo, FenceInfo, bufinfo, format_bufinfo
 from ._device import Device
