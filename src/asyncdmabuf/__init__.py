@@ -22,6 +22,7 @@ from ._errors import (
 )
 from ._exporter import CpuMode, Exporter
 from ._fence import Fence, FenceContext
+from ._layout import FrameLayout, Plane
 from ._pool import BufferPool, PoolStatistics
 from ._resv import Reservation, Usage
 from ._sgtable import Direction, SgEntry, SgTable
@@ -30,6 +31,15 @@ from ._share import (
     receive_buffer,
     receive_buffer_with_info,
     send_buffer,
+)
+from ._stream import (
+    Frame,
+    Publisher,
+    PublisherStatistics,
+    Subscriber,
+    SubscriberInfo,
+    SubscriberStatistics,
+    subscribe,
 )
 
 __all__ = [
@@ -48,14 +58,22 @@ __all__ = [
     "Fence",
     "FenceContext",
     "FenceInfo",
+    "Frame",
+    "FrameLayout",
     "InvalidArgument",
     "NoDevice",
     "OutOfMemory",
+    "Plane",
     "PoolStatistics",
+    "Publisher",
+    "PublisherStatistics",
     "Reservation",
     "SgEntry",
     "SgTable",
     "ShareInfo",
+    "Subscriber",
+    "SubscriberInfo",
+    "SubscriberStatistics",
     "Usage",
     "bufinfo",
     "export",
@@ -64,6 +82,7 @@ __all__ = [
     "receive_buffer",
     "receive_buffer_with_info",
     "send_buffer",
+    "subscribe",
 ]
 
 __version__ = "0.1.0"
