@@ -24,6 +24,8 @@ def _context(method: str) -> multiprocessing.context.SpawnContext:
     # Both have the same API; typeshed types each get_context(name) separately.
     ctx = multiprocessing.get_context(method)
     return ctx  # type: ignore[return-value]
+
+
 SIZE = 3 * 4096
 
 

@@ -221,8 +221,13 @@ class UnixTransport:
             )
         except (BlockingIOError, InterruptedError):
             return False
+        except ConnectionResetError:
+            # The peer closed with our messages unread (it died, say): the
+            # end of the stream, or a break if it was in mid-message.
+            self._eof = True
+            return True
         except OSError as exc:
-            if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
+            if exc.errno in (errno.EPIPE, errno.ENOTCONN):
                 self._broken = exc
                 raise anyio.BrokenResourceError from exc
             raise from_oserror(exc, "recvmsg") from None
