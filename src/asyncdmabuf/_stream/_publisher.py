@@ -382,7 +382,8 @@ class Publisher:
                 finally:
                     _close_fds(fds)
         except _GONE:
-            pass
+            if peer is None:  # gone before it subscribed
+                self._refused += 1
         except DmaBufError:  # a bad message: the peer is dropped
             self._refused += 1
         finally:
@@ -396,22 +397,24 @@ class Publisher:
             self._credit(peer, message.credits)
         elif isinstance(message, _wire.Release):
             self._credit(peer, message.credits)
-            sent = peer.frames.pop(message.seq, None)
+            sent = peer.frames.get(message.seq)
             if sent is None or sent.slot.id != message.buffer:
                 raise _wire.ProtocolError(
                     f"a release of frame {message.seq} in buffer {message.buffer},"
                     " which the subscriber does not hold"
                 )
+            # Import the fence first: if it is not one, the frame is still the
+            # peer's, and its disconnection gives it back.
+            fence = Fence.import_fd(fds[0]) if message.fence else None
+            del peer.frames[message.seq]
             # A frame released before it was credited is credited now.
             peer.inflight = min(peer.inflight, len(peer.frames))
             slot = sent.slot
-            if message.fence:
-                fence = Fence.import_fd(fds[0])  # InvalidArgument: not a fence
-                if not fence.signaled:
-                    scope = anyio.CancelScope()
-                    slot.fences[fence] = (peer, scope)
-                    assert self._tg is not None
-                    self._tg.start_soon(self._watch, slot, fence, scope)
+            if fence is not None and not fence.signaled:
+                scope = anyio.CancelScope()
+                slot.fences[fence] = (peer, scope)
+                assert self._tg is not None
+                self._tg.start_soon(self._watch, slot, fence, scope)
             slot.holders.discard(peer)
             self._maybe_free(slot)
         else:
