@@ -22,8 +22,8 @@ import pytest
 import asyncdmabuf as dmabuf
 from asyncdmabuf._stream import _wire
 
-from .helpers import fd_count
-from .test_stream import LAYOUT, peer, publisher, send, until
+from .helpers import fd_targets
+from .test_stream import LAYOUT, assert_no_new_fds, peer, publisher, send, until
 
 pytestmark = pytest.mark.anyio
 
@@ -173,7 +173,7 @@ async def check_good(pub: dmabuf.Publisher, sub: dmabuf.Subscriber, seq: int) ->
 
 @pytest.mark.parametrize("attack", HANDSHAKES)
 async def test_hostile_subscriber_is_disconnected(attack: str) -> None:
-    before = fd_count()
+    before = fd_targets()
     async with (
         publisher(buffers=3) as (pub, path),
         with_good_subscriber(pub, path) as good,
@@ -185,7 +185,7 @@ async def test_hostile_subscriber_is_disconnected(attack: str) -> None:
         await until(lambda: pub.statistics().refused == 1)
         assert len(pub.subscribers) == 1
         await check_good(pub, good, 1)
-    assert fd_count() == before
+    assert_no_new_fds(before)
 
 
 def _lie_buffer(sock: socket.socket, seq: int, buffer: int) -> None:
@@ -243,7 +243,7 @@ LIES: dict[str, Callable[[socket.socket, int, int], None]] = {
 
 @pytest.mark.parametrize("lie", LIES)
 async def test_lying_subscriber_gives_its_frames_back(lie: str) -> None:
-    before = fd_count()
+    before = fd_targets()
     async with (
         publisher(buffers=3) as (pub, path),
         with_good_subscriber(pub, path) as good,
@@ -270,7 +270,7 @@ async def test_lying_subscriber_gives_its_frames_back(lie: str) -> None:
             assert frame.seq == 0
         await until(lambda: pub.statistics().buffers_free == 3)
         await check_good(pub, good, 1)
-    assert fd_count() == before
+    assert_no_new_fds(before)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a peer as nobody")
@@ -324,12 +324,12 @@ BAD_WELCOMES = {
 
 @pytest.mark.parametrize("message", BAD_WELCOMES)
 async def test_bad_welcome(message: str) -> None:
-    before = fd_count()
+    before = fd_targets()
     async with raw_publisher() as (raw, stream):
         sendmsg(raw, BAD_WELCOMES[message])
         with pytest.raises(dmabuf.InvalidArgument):
             await dmabuf.subscribe(stream)
-    assert fd_count() == before
+    assert_no_new_fds(before)
 
 
 async def test_refused_subscription() -> None:
@@ -375,7 +375,7 @@ BAD_FRAMES: dict[str, tuple[bytes, Callable[[], list[int]]]] = {
 @pytest.mark.parametrize("case", BAD_FRAMES)
 async def test_bad_frame(case: str) -> None:
     message, make_fds = BAD_FRAMES[case]
-    before = fd_count()
+    before = fd_targets()
     async with raw_publisher() as (raw, stream):
         sendmsg(raw, welcome())
         fds = make_fds()
@@ -389,7 +389,7 @@ async def test_bad_frame(case: str) -> None:
                 await sub.receive()
             with pytest.raises(anyio.BrokenResourceError):
                 await sub.receive()
-    assert fd_count() == before
+    assert_no_new_fds(before)
 
 
 SEQUENCES = {
@@ -401,7 +401,7 @@ SEQUENCES = {
 
 @pytest.mark.parametrize("case", SEQUENCES)
 async def test_bad_sequence(case: str) -> None:
-    before = fd_count()
+    before = fd_targets()
     async with raw_publisher() as (raw, stream):
         sendmsg(raw, welcome())
         for message in SEQUENCES[case]:
@@ -420,12 +420,12 @@ async def test_bad_sequence(case: str) -> None:
             async with first.buffer.cpu_access("r") as view:
                 assert len(view) == 4096
                 del view
-    assert fd_count() == before
+    assert_no_new_fds(before)
 
 
 async def test_subscriber_reads_a_foreign_memfd_stream() -> None:
     """A well-behaved raw publisher: the buffer fd crosses once, frames follow."""
-    before = fd_count()
+    before = fd_targets()
     async with raw_publisher() as (raw, stream):
         fd = memfd()
         os.pwrite(fd, b"\x2a" * 4096, 0)
@@ -449,4 +449,4 @@ async def test_subscriber_reads_a_foreign_memfd_stream() -> None:
             back = raw.recv(4096)
             assert back[4:6] == bytes([1, 1])
             assert back.count(bytes([1, 4])) >= 2
-    assert fd_count() == before
+    assert_no_new_fds(before)

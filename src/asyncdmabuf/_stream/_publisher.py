@@ -174,6 +174,7 @@ class Publisher:
         "_listener",
         "_peers",
         "_refused",
+        "_scopes",
         "_sent",
         "_seq",
         "_size",
@@ -209,6 +210,9 @@ class Publisher:
         self._sent = 0
         self._dropped = 0
         self._refused = 0
+        #: One per background task, cancelled by aclose(): the tasks end, the
+        #: body of the async with block goes on.
+        self._scopes: set[anyio.CancelScope] = set()
 
     # -- making one ---------------------------------------------------------------
 
@@ -302,8 +306,9 @@ class Publisher:
         try:
             self._shut()
             if tg is not None:
-                tg.cancel_scope.cancel()
-                return await tg.__aexit__(exc_type, exc, tb)
+                # The body's own exception propagates as itself, not wrapped in
+                # a group: the group reports only what its tasks raised.
+                await tg.__aexit__(None, None, None)
             return None
         finally:
             self._tg = None
@@ -314,15 +319,18 @@ class Publisher:
         """Close the stream: every connection, the listener, then (after the
         ``async with`` block, if in one) every buffer. A checkpoint."""
         self._shut()
-        if self._tg is not None:
-            self._tg.cancel_scope.cancel()
-        else:
+        if self._tg is None:
             with anyio.CancelScope(shield=True):
                 await self._put_all()
         await anyio.lowlevel.checkpoint()
 
     def _shut(self) -> None:
         self._closed = True
+        for scope in self._scopes:
+            scope.cancel()
+        for slot in self._slots:
+            for _, scope in slot.fences.values():
+                scope.cancel()
         for peer in list(self._peers):
             self._disconnect(peer)
         self._wake()
@@ -342,13 +350,32 @@ class Publisher:
                 scope.cancel()
             await slot.buf.put()
 
+    def _task_scope(self) -> anyio.CancelScope:
+        scope = anyio.CancelScope()
+        if self._closed:
+            scope.cancel()
+        self._scopes.add(scope)
+        return scope
+
     async def _accept_loop(self, listener: Listener) -> None:
         assert self._tg is not None
-        while True:
-            transport = await listener.accept()
-            self._tg.start_soon(self._serve, transport)
+        with self._task_scope() as scope:
+            while True:
+                transport = await listener.accept()
+                self._tg.start_soon(self._serve, transport)
+        self._scopes.discard(scope)
 
     async def _serve(self, transport: Transport) -> None:
+        scope = self._task_scope()
+        try:
+            with scope:
+                await self._serve_one(transport)
+        finally:
+            self._scopes.discard(scope)
+            with anyio.CancelScope(shield=True):
+                await transport.aclose()
+
+    async def _serve_one(self, transport: Transport) -> None:
         peer: _Peer | None = None
         try:
             if transport.peer.uid not in self._allowed:
@@ -389,8 +416,6 @@ class Publisher:
         finally:
             if peer is not None:
                 self._disconnect(peer)
-            with anyio.CancelScope(shield=True):
-                await transport.aclose()
 
     def _handle(self, peer: _Peer, message: _wire.Message, fds: list[int]) -> None:
         if isinstance(message, _wire.Credit):
@@ -437,6 +462,8 @@ class Publisher:
         event.set()
 
     async def _watch(self, slot: _Slot, fence: Fence, scope: anyio.CancelScope) -> None:
+        if self._closed:
+            scope.cancel()
         with scope:
             await fence.wait()
         if slot.fences.pop(fence, None) is not None:

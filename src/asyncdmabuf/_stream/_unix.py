@@ -112,9 +112,9 @@ class UnixTransport:
 
     def send_nowait(self, message: bytes, fds: Sequence[int] = ()) -> None:
         """Send ``message`` now, queueing what the socket cannot take yet."""
-        self._check_open()
         if len(message) > MAX_MESSAGE or len(fds) > MAX_FDS:
             raise InvalidArgument(f"a message of {len(message)} bytes is too long")
+        self._check_open()
         if self._out_bytes > MAX_BACKLOG:
             raise Busy("the peer is not reading: too many messages wait to be sent")
         data = memoryview(_LENGTH.pack(len(message)) + message)
