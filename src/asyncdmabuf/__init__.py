@@ -8,6 +8,7 @@ and a checkpoint; every ``try_*`` operation is a plain function that never waits
 
 from __future__ import annotations
 
+from . import _reduction  # noqa: F401  (DmaBuf pickles through multiprocessing)
 from ._attachment import Attachment
 from ._buffer import DmaBuf, export, get
 from ._bufinfo import AttachmentInfo, BufInfo, FenceInfo, bufinfo, format_bufinfo
@@ -23,6 +24,7 @@ from ._errors import (
 )
 from ._exporter import CpuMode, Exporter
 from ._fence import Fence, FenceContext
+from ._layout import FrameLayout, Plane
 from ._lock import LockStatistics
 from ._pool import BufferPool, PoolStatistics
 from ._resv import Reservation, Usage
@@ -34,6 +36,15 @@ from ._share import (
     send_buffer,
 )
 from ._stats import DeviceStatistics
+from ._stream import (
+    Frame,
+    Publisher,
+    PublisherStatistics,
+    Subscriber,
+    SubscriberInfo,
+    SubscriberStatistics,
+    subscribe,
+)
 
 __all__ = [
     "Attachment",
@@ -52,16 +63,24 @@ __all__ = [
     "Fence",
     "FenceContext",
     "FenceInfo",
+    "Frame",
+    "FrameLayout",
     "InjectedFault",
     "InvalidArgument",
     "LockStatistics",
     "NoDevice",
     "OutOfMemory",
+    "Plane",
     "PoolStatistics",
+    "Publisher",
+    "PublisherStatistics",
     "Reservation",
     "SgEntry",
     "SgTable",
     "ShareInfo",
+    "Subscriber",
+    "SubscriberInfo",
+    "SubscriberStatistics",
     "Usage",
     "bufinfo",
     "export",
@@ -70,6 +89,7 @@ __all__ = [
     "receive_buffer",
     "receive_buffer_with_info",
     "send_buffer",
+    "subscribe",
 ]
 
 __version__ = "0.1.0"

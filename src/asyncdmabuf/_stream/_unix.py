@@ -1,0 +1,387 @@
+"""The UNIX-socket transport: length-prefixed messages, fds by ``SCM_RIGHTS``.
+
+Each message is one ``sendmsg``: a ``"<I"`` length, then the message, with its
+fds as ancillary data. The kernel never joins the bytes of a ``sendmsg`` that
+carries fds with those of a later one in the same read, so the fds that come
+with a read belong to the message its last byte is part of. A peer that sends
+a longer message than allowed, or more fds than fit, breaks the framing: the
+transport reports :class:`InvalidArgument` and closes every fd it got.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import os
+import socket
+import struct
+from collections import deque
+from collections.abc import Sequence
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+
+from .._errors import Busy, InvalidArgument, from_oserror
+from ._transport import MAX_FDS, MAX_MESSAGE, PeerCredentials
+
+__all__ = ["UnixListener", "UnixTransport", "connect", "listen", "socket_address"]
+
+_LENGTH = struct.Struct("<I")
+_PEERCRED = struct.Struct("3i")
+_FD = array.array("i").itemsize
+#: Room for this many fds in each read: enough to see a peer sending too many.
+_FDS_PER_READ = MAX_FDS + 4
+_READ_SIZE = 65536
+#: Unsent bytes a transport queues before send_nowait refuses.
+MAX_BACKLOG = 1 << 20
+
+
+def socket_address(path: str) -> str:
+    """Return the socket address of ``path``: ``"@name"`` is abstract.
+
+    Raises:
+        TypeError: ``path`` is not a str.
+        InvalidArgument: It is empty or holds a NUL.
+    """
+    if not isinstance(path, str):
+        raise TypeError(f"a socket path is a str, not {type(path).__name__}")
+    if not path or path == "@" or "\0" in path:
+        raise InvalidArgument(f"{path!r} is not a socket path")
+    return "\0" + path[1:] if path.startswith("@") else path
+
+
+def _close_all(fds: list[int]) -> None:
+    while fds:
+        os.close(fds.pop())
+
+
+class UnixTransport:
+    """A :class:`Transport` over a connected anyio UNIX socket stream."""
+
+    __slots__ = (
+        "_broken",
+        "_buffer",
+        "_closed",
+        "_eof",
+        "_held",
+        "_out",
+        "_out_bytes",
+        "_peer",
+        "_ready",
+        "_send_broke",
+        "_send_lock",
+        "_sock",
+        "_stream",
+    )
+
+    def __init__(self, stream: anyio.abc.UNIXSocketStream) -> None:
+        if not isinstance(stream, anyio.abc.UNIXSocketStream):
+            raise TypeError(f"a stream needs a UNIXSocketStream, not {stream!r}")
+        self._stream = stream
+        self._sock: socket.socket = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        try:
+            raw = self._sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size
+            )
+        except OSError as exc:
+            raise from_oserror(exc, "SO_PEERCRED") from None
+        self._peer = PeerCredentials(*_PEERCRED.unpack(raw))
+        self._buffer = bytearray()
+        self._held: list[int] = []  # fds of the message in progress
+        self._ready: deque[tuple[bytes, list[int]]] = deque()
+        self._out: deque[tuple[memoryview, list[int]]] = deque()
+        self._out_bytes = 0
+        self._send_lock = anyio.Lock()
+        self._eof = False
+        self._broken: BaseException | None = None
+        self._send_broke = False  # broken by a send only: what came can be read
+        self._closed = False
+
+    @property
+    def peer(self) -> PeerCredentials:
+        """The peer's pid, uid and gid (``SO_PEERCRED``)."""
+        return self._peer
+
+    # -- sending ------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self._broken is not None:
+            raise anyio.BrokenResourceError from self._broken
+
+    def _check_readable(self) -> None:
+        # A send that broke (the peer died with our credits unread) does not
+        # stop us reading what it sent before: its end reads as the end.
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self._broken is not None and not self._send_broke:
+            raise anyio.BrokenResourceError from self._broken
+
+    def send_nowait(self, message: bytes, fds: Sequence[int] = ()) -> None:
+        """Send ``message`` now, queueing what the socket cannot take yet."""
+        if len(message) > MAX_MESSAGE or len(fds) > MAX_FDS:
+            raise InvalidArgument(f"a message of {len(message)} bytes is too long")
+        self._check_open()
+        if self._out_bytes > MAX_BACKLOG:
+            raise Busy("the peer is not reading: too many messages wait to be sent")
+        data = memoryview(_LENGTH.pack(len(message)) + message)
+        if not self._out:
+            sent = self._sendmsg(data, fds)
+            if sent == len(data):
+                return
+            data = data[sent:]
+            fds = () if sent else fds
+        # The queue owns copies of the fds: the caller closes its own.
+        copies: list[int] = []
+        try:
+            copies.extend(os.dup(fd) for fd in fds)
+        except OSError as exc:
+            _close_all(copies)
+            raise from_oserror(exc, "dup") from None
+        self._out.append((data, copies))
+        self._out_bytes += len(data)
+
+    def _sendmsg(self, data: memoryview, fds: Sequence[int]) -> int:
+        """Send what the socket takes now; return how many bytes went."""
+        try:
+            if fds:
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                return self._sock.sendmsg([data], anc, socket.MSG_DONTWAIT)
+            return self._sock.send(data, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            self._broken = exc
+            self._send_broke = True
+            raise anyio.BrokenResourceError from exc
+
+    def _flush_nowait(self) -> None:
+        while self._out:
+            data, fds = self._out[0]
+            sent = self._sendmsg(data, fds)
+            self._out_bytes -= sent
+            if sent:
+                _close_all(fds)  # they went with the first byte
+            if sent < len(data):
+                self._out[0] = (data[sent:], fds)
+                return
+            self._out.popleft()
+
+    async def send(self, message: bytes, fds: Sequence[int] = ()) -> None:
+        """Send ``message``, waiting while the socket is full; a checkpoint."""
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        self.send_nowait(message, fds)
+        waited = False
+        if self._out:
+            async with self._send_lock:
+                while self._out:
+                    self._check_open()
+                    await anyio.wait_writable(self._sock)
+                    waited = True
+                    self._flush_nowait()
+        if not waited:
+            await anyio.lowlevel.cancel_shielded_checkpoint()
+
+    def flush_nowait(self) -> None:
+        """Send what waits to be sent, as far as the socket takes it now."""
+        if self._out and not self._closed and self._broken is None:
+            self._flush_nowait()
+
+    # -- receiving ----------------------------------------------------------------
+
+    def receive_nowait(self) -> tuple[bytes, list[int]]:
+        """Return the next message if a whole one has arrived."""
+        while not self._ready:
+            self._check_readable()
+            if self._eof:
+                self._end()
+            if not self._read():
+                raise Busy("no message has arrived")
+        return self._ready.popleft()
+
+    async def receive(self) -> tuple[bytes, list[int]]:
+        """Wait for the next whole message; a checkpoint."""
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        waited = False
+        while not self._ready:
+            self._check_readable()
+            if self._eof:
+                self._end()
+            if not self._read():
+                await anyio.wait_readable(self._sock)
+                waited = True
+        if not waited:
+            await anyio.lowlevel.cancel_shielded_checkpoint()
+        return self._ready.popleft()
+
+    def _end(self) -> None:
+        if self._buffer or self._held:
+            _close_all(self._held)
+            self._buffer.clear()
+            raise anyio.BrokenResourceError("the peer closed in mid-message")
+        raise anyio.EndOfStream
+
+    def _read(self) -> bool:
+        """Read what is there; return False if nothing was."""
+        try:
+            data, ancdata, flags, _ = self._sock.recvmsg(
+                _READ_SIZE, socket.CMSG_SPACE(_FDS_PER_READ * _FD), socket.MSG_DONTWAIT
+            )
+        except (BlockingIOError, InterruptedError):
+            return False
+        except ConnectionResetError:
+            # The peer closed with our messages unread (it died, say): the
+            # end of the stream, or a break if it was in mid-message.
+            self._eof = True
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.EPIPE, errno.ENOTCONN):
+                self._broken, self._send_broke = exc, False
+                raise anyio.BrokenResourceError from exc
+            raise from_oserror(exc, "recvmsg") from None
+        fds: list[int] = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                received = array.array("i")
+                received.frombytes(payload[: len(payload) - len(payload) % _FD])
+                fds.extend(received)
+        if not data and not fds:
+            self._eof = True
+            return True
+        try:
+            _check_read(data, fds, flags)
+            self._buffer += data
+            self._split(fds)
+        except BaseException:
+            _close_all(fds)
+            self._fail()
+            raise
+        return True
+
+    def _split(self, fds: list[int]) -> None:
+        """Cut whole messages off the buffer; ``fds`` go with the last one touched."""
+        buffer = self._buffer
+        pos = 0
+        while True:
+            if len(buffer) - pos < _LENGTH.size:
+                break
+            (length,) = _LENGTH.unpack_from(buffer, pos)
+            if length > MAX_MESSAGE:
+                raise InvalidArgument(f"a message of {length} bytes is too long")
+            end = pos + _LENGTH.size + length
+            if end > len(buffer):
+                break
+            mine = self._held
+            self._held = []
+            if end == len(buffer):
+                mine += fds
+                fds = []
+            self._ready.append((bytes(buffer[pos + _LENGTH.size : end]), mine))
+            pos = end
+        del buffer[:pos]
+        self._held += fds
+        if len(self._held) > MAX_FDS:
+            raise InvalidArgument("too many fds for one message")
+
+    def _fail(self) -> None:
+        _close_all(self._held)
+        while self._ready:
+            _close_all(self._ready.popleft()[1])
+        self._buffer.clear()
+        self._broken = InvalidArgument("the peer broke the framing")
+        self._send_broke = False
+
+    # -- closing ------------------------------------------------------------------
+
+    def close_nowait(self) -> None:
+        """Close the socket and every fd still held, at once."""
+        if self._closed:
+            return
+        self._closed = True
+        self._fail()
+        while self._out:
+            _close_all(self._out.popleft()[1])
+        self._out_bytes = 0
+        anyio.notify_closing(self._sock)  # wakes a task waiting on it, on any loop
+        self._sock.close()
+
+    async def aclose(self) -> None:
+        """Close the transport; a checkpoint."""
+        self.close_nowait()
+        with anyio.CancelScope(shield=True):
+            await self._stream.aclose()
+        await anyio.lowlevel.checkpoint()
+
+
+def _check_read(data: bytes, fds: list[int], flags: int) -> None:
+    if flags & socket.MSG_CTRUNC or len(fds) > MAX_FDS:
+        raise InvalidArgument(f"the peer sent {len(fds)} or more fds at once")
+    if not data:
+        raise InvalidArgument("fds arrived without a message")
+
+
+class UnixListener:
+    """A :class:`Listener` on a UNIX socket path (``"@name"``: abstract)."""
+
+    __slots__ = ("_listener", "_path")
+
+    def __init__(self, listener: anyio.abc.SocketListener, path: str) -> None:
+        self._listener = listener
+        self._path = path
+
+    async def accept(self) -> UnixTransport:
+        """Wait for the next subscriber to connect."""
+        stream = await self._listener.accept()
+        assert isinstance(stream, anyio.abc.UNIXSocketStream)
+        try:
+            return UnixTransport(stream)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        """Stop listening and remove the socket file (not an abstract name)."""
+        with anyio.CancelScope(shield=True):
+            await self._listener.aclose()
+        if not self._path.startswith("\0"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
+
+
+async def listen(path: str) -> UnixListener:
+    """Listen on ``path`` (``"@name"`` for the abstract namespace).
+
+    Raises:
+        TypeError, InvalidArgument: A bad path.
+        DmaBufError: The socket cannot be bound (``EADDRINUSE``, ``EACCES``...).
+    """
+    address = socket_address(path)
+    try:
+        listener = await anyio.create_unix_listener(address)
+    except OSError as exc:
+        raise from_oserror(exc, f"listening on {path!r}") from None
+    return UnixListener(listener, address)
+
+
+async def connect(path: str) -> UnixTransport:
+    """Connect to ``path`` (``"@name"`` for the abstract namespace).
+
+    Raises:
+        TypeError, InvalidArgument: A bad path.
+        DmaBufError: Nobody listens there (``ECONNREFUSED``, ``ENOENT``...).
+    """
+    address = socket_address(path)
+    try:
+        stream = await anyio.connect_unix(address)
+    except OSError as exc:
+        raise from_oserror(exc, f"connecting to {path!r}") from None
+    try:
+        return UnixTransport(stream)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()
+        raise
