@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -290,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (0, 1, 2 or 130)."""
     console = Console()
-    errors = Console(stderr=True, highlight=False)
+    errors = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         with _sigterm_interrupts():
             try:
@@ -395,19 +396,27 @@ def _config(args: argparse.Namespace) -> StressConfig:
 def _check_writable(path: Path | None, flag: str) -> None:
     """Refuse an output path that cannot be written, before any work.
 
+    The folder is tried by creating (and removing) a file in it, which also
+    holds for root and for read-only file systems.
+
     Raises:
-        UsageError: Its folder does not exist or is not writable, or it is a
-            folder, or it exists and cannot be overwritten.
+        UsageError: Its folder does not exist or refuses a new file, or it is
+            a folder, or it exists and cannot be overwritten.
     """
     if path is None:
         return
-    folder = path.parent if str(path.parent) else Path(".")
+    folder = path.parent
     if path.is_dir():
         raise UsageError(f"{flag} {path}: is a directory")
     if not folder.is_dir():
         raise UsageError(f"{flag} {path}: no directory {folder}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path}: directory {folder} is not writable")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".asyncdmabuf-"):
+            pass
+    except OSError as exc:
+        raise UsageError(
+            f"{flag} {path}: cannot write in {folder}: {exc.strerror}"
+        ) from None
     if path.exists() and not os.access(path, os.W_OK):
         raise UsageError(f"{flag} {path}: not writable")
 
@@ -504,13 +513,11 @@ def _stress_command(args: argparse.Namespace, console: Console, errors: Console)
         except KeyboardInterrupt:  # before the loop could catch the signal
             outcome.interrupted = True
             break
-        except BaseExceptionGroup as group:
-            if group.split(KeyboardInterrupt)[1] is not None:
-                raise
-            outcome.interrupted = True
-            break
         except DmaBufError as exc:  # a failed check: the run could not go on
             outcome.error = f"{label}: {type(exc).__name__}: {exc}"
+            break
+        except BaseExceptionGroup as group:  # from a task group (trio)
+            outcome.interrupted, outcome.error = _unwrap(group, label)
             break
         outcome.reports.append(report)
         console.print(_one_line(report), highlight=False)
@@ -542,6 +549,27 @@ def _stress_command(args: argparse.Namespace, console: Console, errors: Console)
     if ok:
         console.print("[bold green]every invariant held[/]")
     return EXIT_OK if ok else EXIT_FAILED
+
+
+def _unwrap(
+    group: BaseExceptionGroup[BaseException], label: str
+) -> tuple[bool, str | None]:
+    """Whether ``group`` holds an interrupt, and its first DmaBufError.
+
+    Raises:
+        BaseExceptionGroup: It holds anything else (a bug: the traceback).
+    """
+    interrupts, rest = group.split(KeyboardInterrupt)
+    found, rest = rest.split(DmaBufError) if rest is not None else (None, None)
+    if rest is not None:
+        raise group
+    error = None
+    if found is not None:
+        first = found.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        error = f"{label}: {type(first).__name__}: {first}"
+    return interrupts is not None, error
 
 
 def _write_json(path: Path, outcome: _Outcome) -> None:
