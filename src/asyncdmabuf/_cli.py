@@ -1,26 +1,38 @@
 """The command line: ``asyncdmabuf stress`` and ``asyncdmabuf bench``.
 
-argparse reads the options, :mod:`._stress` runs the workload on each chosen
-backend, rich draws the progress and the report. Exit status: 0 when every
-invariant held on every backend, 1 when one did not, 2 for a usage error.
+argparse reads the options, which are all checked before any work starts;
+:mod:`._stress` runs the workload on each chosen backend; rich draws the
+progress and the report. Exit status (API section 9): 0 when every check held,
+1 when one did not (an invariant, a leak, an error during the run), 2 for bad
+usage (one line on stderr, no traceback), 130 when interrupted (SIGINT or
+SIGTERM: the partial report, JSON and plot are still written).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
-from collections.abc import Callable, Sequence
+import signal
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, NoReturn
 
 import anyio
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     SpinnerColumn,
     TaskID,
     TextColumn,
@@ -36,18 +48,27 @@ from ._stress import (
     StressConfig,
     StressProgress,
     StressReport,
-    available_exporters,
     run_stress,
 )
+from ._stress.config import CLEAN_OPS, exporter_options, load_exporter
+from ._stress.limits import check_fits
+from ._stress.workload import MAX_TRY_ROUNDS
 
 __all__ = ["BACKENDS", "main", "parse_size"]
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class UsageError(Exception):
     """A problem with the command line, reported with exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, reporting a usage error in one line (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
 def parse_size(text: str) -> int:
@@ -62,33 +83,62 @@ def parse_size(text: str) -> int:
     return int(match[1]) * _UNITS[match[2].lower()]
 
 
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
 def _rate(text: str) -> float:
-    value = float(text)
+    value = _float(text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"a rate is in [0, 1], not {text}")
     return value
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
+    value = _float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"seconds must be >= 0, not {text}")
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = _float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"seconds must be > 0, not {text}")
+    return value
+
+
 def _count(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, not {text}")
     return value
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser of ``asyncdmabuf``'s command line."""
     defaults = StressConfig()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="asyncdmabuf",
         description="The Linux dma-buf model for async Python: tools.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"asyncdmabuf {_version()}"
     )
     commands = parser.add_subparsers(dest="command", required=True)
     stress = commands.add_parser(
@@ -97,21 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Many tasks attach, map (blocking, try_map, mixed) and unmap shared "
             "buffers, with cancellations and faults injected; then a report and "
-            "an invariant check. Exit status 0 only if every invariant held."
+            "an invariant check. Exit status 0 if every invariant held, 1 if "
+            "one did not, 2 for bad usage, 130 when interrupted."
         ),
     )
     run = stress.add_argument_group("the run")
     run.add_argument(
         "--backend",
         choices=(*BACKENDS, "all"),
-        default="asyncio",
-        help="event loop; 'all' runs each in turn and compares (default: asyncio)",
+        default="all",
+        help="event loop; 'all' runs each in turn and compares (default: all)",
     )
     run.add_argument(
         "--exporter",
         default=defaults.exporter,
-        help="exporter entry-point name: memfd, simdev, or a third-party one "
-        "(default: %(default)s)",
+        help="exporter entry-point name (memfd, simdev, a third-party one) or "
+        "module:Class (default: %(default)s)",
     )
     run.add_argument("--tasks", type=_count, default=defaults.tasks)
     run.add_argument("--buffers", type=_count, default=defaults.buffers)
@@ -131,7 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"operations in total (default: {defaults.ops})",
     )
     amount.add_argument(
-        "--duration", type=float, default=None, metavar="SECONDS", help="run this long"
+        "--duration",
+        type=_positive_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="run this long",
     )
     run.add_argument(
         "--map-mode",
@@ -139,6 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.map_mode,
         help="block: await map(); try: try_map() with back-off; mixed: either, "
         "per operation (default: %(default)s)",
+    )
+    run.add_argument(
+        "--map-hold",
+        type=_seconds,
+        default=defaults.map_hold,
+        metavar="SECONDS",
+        help="time every blocking map spends in the exporter with the buffer's "
+        "lock held, as a device's map does; 0: the exporter as it is "
+        "(default: %(default)s)",
     )
     run.add_argument(
         "--maps-per-op",
@@ -151,13 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=_rate,
         default=defaults.cancel_rate,
         help="chance a blocking map is cancelled at a random point "
-        "(default: %(default)s)",
-    )
-    run.add_argument(
-        "--fault-rate",
-        type=_rate,
-        default=defaults.fault_rate,
-        help="chance an exporter op fails, for exporters that inject faults "
         "(default: %(default)s)",
     )
     run.add_argument("--seed", type=int, default=defaults.seed)
@@ -183,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not write and check bytes in every operation",
     )
     sim = stress.add_argument_group(
-        "device options (simdev, or any exporter whose constructor takes them)"
+        "device options (simdev, or any exporter whose constructor takes them; "
+        "refused for the others)"
     )
     sim.add_argument(
         "--memory",
@@ -192,8 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="device memory (default: room for every buffer)",
     )
-    sim.add_argument("--alloc-latency", type=_seconds, default=0.0, metavar="SECONDS")
-    sim.add_argument("--map-latency", type=_seconds, default=0.0, metavar="SECONDS")
+    sim.add_argument("--alloc-latency", type=_seconds, default=None, metavar="SECONDS")
+    sim.add_argument("--map-latency", type=_seconds, default=None, metavar="SECONDS")
+    sim.add_argument(
+        "--fault-rate",
+        type=_rate,
+        default=None,
+        help="chance an exporter op fails, for exporters that inject faults "
+        "(a fault_ops tuple and a faults= argument; default: 0)",
+    )
     out = stress.add_argument_group("output")
     out.add_argument("--json", type=Path, metavar="FILE", help="write every figure")
     out.add_argument(
@@ -234,27 +299,84 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    handler: Callable[[argparse.Namespace, Console], int] = args.handler
+    """Run the command line; return the exit status (0, 1, 2 or 130)."""
     console = Console()
+    errors = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
-        return handler(args, console)
-    except (UsageError, DmaBufError) as exc:
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
-        return EXIT_USAGE
+        with _sigterm_interrupts():
+            try:
+                args = build_parser().parse_args(argv)
+            except UsageError as exc:
+                errors.print(f"error: {escape(str(exc))}")
+                return EXIT_USAGE
+            handler: Callable[[argparse.Namespace, Console, Console], int]
+            handler = args.handler
+            try:
+                return handler(args, console, errors)
+            except UsageError as exc:
+                errors.print(f"[bold red]error:[/] {escape(str(exc))}")
+                return EXIT_USAGE
+    except KeyboardInterrupt:
+        errors.print("interrupted")
+        return EXIT_INTERRUPTED
 
 
-# -- stress -------------------------------------------------------------------------
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Make SIGTERM interrupt like SIGINT while the command runs (main thread)."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# -- stress: checking the command line ----------------------------------------------
 
 
 def _config(args: argparse.Namespace) -> StressConfig:
+    """Build the run's configuration, checking every option against the exporter.
+
+    Raises:
+        UsageError: An option is out of range, the exporter cannot be found,
+            does not take an option that was given, or the machine cannot
+            hold the run.
+    """
+    try:
+        cls = load_exporter(args.exporter)
+    except DmaBufError as exc:
+        raise UsageError(str(exc)) from None
+    takes = exporter_options(cls)
+    for flag, key in (
+        ("--memory", "memory"),
+        ("--alloc-latency", "alloc_latency"),
+        ("--map-latency", "map_latency"),
+    ):
+        if getattr(args, key) is not None and key not in takes:
+            raise UsageError(
+                f"{flag} is for exporters whose constructor takes {key}=; "
+                f"{args.exporter!r} does not"
+            )
+    if args.fault_rate and not (
+        "faults" in takes and set(getattr(cls, "fault_ops", ())) - CLEAN_OPS
+    ):
+        raise UsageError(
+            f"--fault-rate is for exporters that inject faults (a fault_ops "
+            f"tuple and a faults= argument); {args.exporter!r} does not"
+        )
     ops = args.ops
     if ops is None and args.duration is None:
         ops = StressConfig().ops
     try:
-        return StressConfig(
+        config = StressConfig(
             exporter=args.exporter,
             tasks=args.tasks,
             buffers=args.buffers,
@@ -265,116 +387,218 @@ def _config(args: argparse.Namespace) -> StressConfig:
             map_mode=args.map_mode,
             maps_per_op=args.maps_per_op,
             cancel_rate=args.cancel_rate,
-            fault_rate=args.fault_rate,
+            fault_rate=args.fault_rate or 0.0,
             seed=args.seed,
             watchdog=args.watchdog,
             verify=args.verify,
             backoff=args.backoff,
             memory=args.memory,
-            alloc_latency=args.alloc_latency,
-            map_latency=args.map_latency,
+            alloc_latency=args.alloc_latency or 0.0,
+            map_latency=args.map_latency or 0.0,
+            map_hold=args.map_hold,
         )
-    except (TypeError, ValueError) as exc:
+        check_fits(config)
+    except (TypeError, ValueError, DmaBufError) as exc:
         raise UsageError(str(exc)) from None
+    return config
+
+
+def _check_writable(path: Path | None, flag: str) -> None:
+    """Refuse an output path that cannot be written, before any work.
+
+    The folder is tried by creating (and removing) a file in it, which also
+    holds for root and for read-only file systems.
+
+    Raises:
+        UsageError: Its folder does not exist or refuses a new file, or it is
+            a folder, or it exists and cannot be overwritten.
+    """
+    if path is None:
+        return
+    folder = path.parent
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory")
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {path}: no directory {folder}")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".asyncdmabuf-"):
+            pass
+    except OSError as exc:
+        raise UsageError(
+            f"{flag} {path}: cannot write in {folder}: {exc.strerror}"
+        ) from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{flag} {path}: not writable")
 
 
 def _load_pyplot() -> Any:
-    """Import matplotlib's pyplot, headless.
+    """Import matplotlib's pyplot, headless, its warnings silenced.
 
     Raises:
         UsageError: matplotlib is not installed.
     """
-    try:
-        import matplotlib
-    except ImportError:
-        raise UsageError(
-            "--plot needs matplotlib, an optional extra: "
-            "pip install 'asyncdmabuf[plot]'"
-        ) from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            import matplotlib
+        except ImportError:
+            raise UsageError(
+                "--plot needs matplotlib, an optional extra: "
+                "pip install 'asyncdmabuf[plot]'"
+            ) from None
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
 
     return plt
 
 
-def _stress_command(args: argparse.Namespace, console: Console) -> int:
-    config = _config(args)
-    plt = _load_pyplot() if args.plot else None
-    known = available_exporters()
-    if args.exporter not in known:
-        raise UsageError(
-            f"no exporter named {args.exporter!r} (registered: {', '.join(known)})"
+def _backends(choice: str) -> tuple[list[str], list[str]]:
+    """The backends to run, and those skipped (not installed, with ``all``).
+
+    Raises:
+        UsageError: The backend chosen by name is not installed.
+    """
+    labels = list(BACKENDS) if choice == "all" else [choice]
+    run, skipped = [], []
+    for label in labels:
+        missing = (label == "uvloop" and not _has("uvloop")) or (
+            label == "trio" and not _has("trio")
         )
-    labels = list(BACKENDS) if args.backend == "all" else [args.backend]
+        if not missing:
+            run.append(label)
+        elif choice == "all":
+            skipped.append(f"{label} (not installed)")
+        else:
+            raise UsageError(
+                f"{label} is not installed: pip install 'asyncdmabuf[{label}]'"
+            )
+    return run, skipped
+
+
+def _has(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+# -- stress: running -------------------------------------------------------------------
+
+
+@dataclass
+class _Outcome:
+    """What the runs gave: their reports, and how the command ended."""
+
+    reports: list[StressReport] = field(default_factory=list)
+    interrupted: bool = False
+    error: str | None = None
+
+
+def _stress_command(args: argparse.Namespace, console: Console, errors: Console) -> int:
+    config = _config(args)
+    _check_writable(args.json, "--json")
+    _check_writable(args.plot, "--plot")
+    plt = _load_pyplot() if args.plot else None
+    labels, skipped = _backends(args.backend)
     amount = f"{config.ops:,} ops" if config.ops else f"{config.duration:g} s"
     console.print(
         f"[bold]asyncdmabuf stress[/]: {config.tasks} tasks, {config.buffers} "
         f"buffers of {_size(config.buffer_size)}, {config.devices} devices, "
-        f"exporter {config.exporter}, map mode {config.map_mode}, {amount}, "
-        f"seed {config.seed}",
+        f"exporter {config.exporter},",
         highlight=False,
     )
-    reports: list[StressReport] = []
-    skipped: list[str] = []
+    console.print(
+        f"map mode {config.map_mode}, map hold {config.map_hold * 1e6:g} µs, "
+        f"{amount}, seed {config.seed}",
+        highlight=False,
+    )
+    outcome = _Outcome()
     for label in labels:
         backend, options = BACKENDS[label]
-        if label == "uvloop" and not _has_uvloop():
-            if args.backend == "all":
-                skipped.append("uvloop (not installed)")
-                continue
-            raise UsageError(
-                "uvloop is not installed: pip install 'asyncdmabuf[uvloop]'"
+        try:
+            report, stopped = _run_one(
+                label, backend, options, config, console, args.quiet
             )
-        if label == "trio" and not _has_trio():
-            if args.backend == "all":
-                skipped.append("trio (not installed)")
-                continue
-            raise UsageError("trio is not installed: pip install 'asyncdmabuf[trio]'")
-        report = _run_one(label, backend, options, config, console, args.quiet)
-        reports.append(report)
-        _print_report(console, report, quiet=args.quiet)
-    if len(reports) > 1:
-        console.print(_comparison(reports))
+        except KeyboardInterrupt:  # before the loop could catch the signal
+            outcome.interrupted = True
+            break
+        except DmaBufError as exc:  # a failed check: the run could not go on
+            outcome.error = f"{label}: {type(exc).__name__}: {exc}"
+            break
+        except BaseExceptionGroup as group:  # from a task group (trio)
+            outcome.interrupted, outcome.error = _unwrap(group, label)
+            break
+        outcome.reports.append(report)
+        console.print(_one_line(report), highlight=False)
+        if stopped:
+            outcome.interrupted = True
+            break
+    _print_reports(console, outcome.reports, quiet=args.quiet)
     for note in skipped:
         console.print(f"skipped: {note}", highlight=False)
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "ok": all(r.ok for r in reports),
-                    "runs": [r.to_dict() for r in reports],
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        _write_json(args.json, outcome)
         console.print(f"wrote {args.json}", highlight=False)
-    if plt is not None:
-        _plot(plt, reports, args.plot)
+    if plt is not None and outcome.reports:
+        _plot(plt, outcome.reports, args.plot)
         console.print(f"wrote {args.plot}", highlight=False)
-    ok = all(r.ok for r in reports)
-    console.print(
-        "[bold green]every invariant held[/]"
-        if ok
-        else "[bold red]FAILED: an invariant did not hold[/]"
-    )
+    ok = outcome.error is None and all(r.ok for r in outcome.reports)
+    if outcome.error is not None:
+        console.print(
+            f"[bold red]FAILED: an error stopped the run[/]: {escape(outcome.error)}"
+        )
+    elif not ok:
+        console.print("[bold red]FAILED: an invariant did not hold[/]")
+    if outcome.interrupted:
+        console.print(
+            "[bold yellow]interrupted[/]: the figures above are partial",
+            highlight=False,
+        )
+        return EXIT_INTERRUPTED
+    if ok:
+        console.print("[bold green]every invariant held[/]")
     return EXIT_OK if ok else EXIT_FAILED
 
 
-def _has_uvloop() -> bool:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _unwrap(
+    group: BaseExceptionGroup[BaseException], label: str
+) -> tuple[bool, str | None]:
+    """Whether ``group`` holds an interrupt, and its first DmaBufError.
+
+    Raises:
+        BaseExceptionGroup: It holds anything else (a bug: the traceback).
+    """
+    interrupts, rest = group.split(KeyboardInterrupt)
+    found, rest = rest.split(DmaBufError) if rest is not None else (None, None)
+    if rest is not None:
+        raise group
+    error = None
+    if found is not None:
+        first = found.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        error = f"{label}: {type(first).__name__}: {first}"
+    return interrupts is not None, error
 
 
-def _has_trio() -> bool:
-    try:
-        import trio  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _write_json(path: Path, outcome: _Outcome) -> None:
+    data = {
+        "ok": outcome.error is None and all(r.ok for r in outcome.reports),
+        "interrupted": outcome.interrupted,
+        "error": outcome.error,
+        "units": "durations *_s in seconds, latencies *_us in microseconds, "
+        "sizes *_bytes in bytes",
+        "runs": [r.to_dict() for r in outcome.reports],
+    }
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+class _Countdown(ProgressColumn):
+    """Seconds done of the total, for a run given a ``--duration``."""
+
+    def render(self, task: Any) -> str:
+        return f"{task.completed:.0f}/{task.total:.0f} s"
 
 
 def _run_one(
@@ -384,40 +608,65 @@ def _run_one(
     config: StressConfig,
     console: Console,
     quiet: bool,
-) -> StressReport:
+) -> tuple[StressReport, bool]:
+    """Run one backend; return its report and whether a signal stopped it."""
+    timed = config.ops is None
+    live = not quiet and console.is_terminal
     progress = Progress(
         SpinnerColumn(),
         TextColumn(f"[bold]{label:<8}[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
+        BarColumn(bar_width=20),
+        _Countdown() if timed else MofNCompleteColumn(),
         TimeElapsedColumn(),
         TextColumn("{task.fields[stats]}"),
         console=console,
         transient=True,
-        disable=quiet or not console.is_terminal,
+        disable=not live,
     )
-    total = config.ops if config.ops is not None else None
+    total = config.duration if timed else config.ops
+    printed = [-1.0]  # when the last plain progress line was printed
     with progress:
         task: TaskID = progress.add_task(label, total=total, stats="")
 
         def monitor(p: StressProgress) -> None:
-            progress.update(
-                task,
-                completed=p.ops_done,
-                stats=f"busy {p.busy:,}  cancelled {p.cancellations:,}  "
-                f"faults {p.faults:,}",
-            )
+            stats = f"busy {p.busy:,} cancelled {p.cancellations:,}"
+            done = min(p.elapsed, total or 0.0) if timed else p.ops_done
+            progress.update(task, completed=done, stats=stats)
+            if not live and not quiet and p.elapsed - printed[0] >= 1.0:
+                printed[0] = p.elapsed
+                console.print(
+                    f"{label}: {p.ops_done:,} ops in {p.elapsed:.1f} s, {stats}",
+                    highlight=False,
+                )
 
-        report: StressReport = anyio.run(
-            _with_monitor, config, monitor, backend=backend, backend_options=options
+        result: tuple[StressReport, bool] = anyio.run(
+            _with_signals, config, monitor, backend=backend, backend_options=options
         )
-    return report
+    return result
 
 
-async def _with_monitor(
+async def _with_signals(
     config: StressConfig, monitor: Callable[[StressProgress], object]
-) -> StressReport:
-    return await run_stress(config, monitor=monitor)
+) -> tuple[StressReport, bool]:
+    """Run stress; SIGINT or SIGTERM stops it early (the report still comes)."""
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        await tg.start(_stop_on_signal, stop)
+        report = await run_stress(config, monitor=monitor, stop=stop)
+        tg.cancel_scope.cancel()
+    return report, stop.is_set()
+
+
+async def _stop_on_signal(
+    stop: anyio.Event, *, task_status: anyio.abc.TaskStatus[None]
+) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for _ in signals:
+            stop.set()
+
+
+# -- stress: the report ----------------------------------------------------------------
 
 
 def _size(n: int) -> str:
@@ -431,103 +680,174 @@ def _us(seconds: float) -> str:
     return f"{seconds * 1e6:,.1f}"
 
 
-def _print_report(console: Console, r: StressReport, *, quiet: bool) -> None:
-    verdict = "[green]ok[/]" if r.ok else "[bold red]FAILED[/]"
-    if quiet:
-        console.print(
-            f"{r.backend}: {r.ops:,} ops in {r.elapsed:.2f} s, "
-            f"{r.ops_per_second:,.0f} ops/s, busy {r.busy:,}, cancelled "
-            f"{r.cancellations:,}, faults {r.faults:,}, evictions {r.evictions:,}: "
-            f"{verdict}",
-            highlight=False,
-        )
-    else:
-        figures = Table(
-            title=f"{r.backend} / {r.exporter}: {verdict}", show_header=False
-        )
-        figures.add_column("figure")
-        figures.add_column("value", justify="right")
-        rows = [
-            ("operations", f"{r.ops:,} in {r.elapsed:.2f} s"),
-            ("throughput", f"{r.ops_per_second:,.0f} ops/s"),
-            ("maps / try_maps", f"{r.maps:,} / {r.try_maps:,}"),
-            ("Busy", f"{r.busy:,}"),
-            ("cancelled maps", f"{r.cancellations:,}"),
-            ("faults met / injected", f"{r.faults:,} / {r.faults_injected:,}"),
-            ("evictions (move_notify)", f"{r.evictions:,} ({r.move_notifies:,})"),
-            ("try ops abandoned", f"{r.abandoned:,}"),
-            ("bytes verified", f"{r.bytes_verified:,}"),
-        ]
-        for row in rows:
-            figures.add_row(*row)
-        console.print(figures)
-        latency = Table(title="latency, µs")
-        for column in ("", "count", "p50", "p90", "p99", "max"):
-            latency.add_column(column, justify="right")
-        for name, s in (("map", r.map_latency), ("try_map", r.try_map_latency)):
-            latency.add_row(
-                name, f"{s.count:,}", _us(s.p50), _us(s.p90), _us(s.p99), _us(s.max)
-            )
-        console.print(latency)
-        checks = Table(title="invariants")
-        for column in ("invariant", "held", "evidence"):
-            checks.add_column(column)
-        for inv in r.invariants:
-            checks.add_row(
-                inv.name,
-                "[green]yes[/]" if inv.ok else "[bold red]NO[/]",
-                escape(inv.detail),
-            )
-        console.print(checks)
-    if not quiet:
-        for note in r.notes:
-            console.print(f"note: {escape(note)}", highlight=False)
-    elif not r.ok:
-        for inv in r.invariants:
-            if not inv.ok:
-                console.print(f"  {inv.name}: {escape(inv.detail)}", highlight=False)
-    if r.hang_report:
-        console.print("[bold red]hung[/]: who waits for what", highlight=False)
-        for line in r.hang_report:
-            console.print(line, highlight=False, markup=False)
+def _served(r: StressReport) -> str:
+    if not r.try_maps:
+        return "-"
+    return f"{100 * (r.try_maps - r.busy) / r.try_maps:.1f}"
 
 
-def _comparison(reports: list[StressReport]) -> Table:
-    base = reports[0]
-    table = Table(title=f"backends compared (ratios against {base.backend})")
-    for column in (
-        "backend",
-        "ops/s",
-        "vs " + base.backend,
-        "map p50 µs",
-        "map p99 µs",
-        "try_map p50 µs",
-        "Busy",
-        "verdict",
-    ):
-        table.add_column(column, justify="right")
-    for r in reports:
-        ratio = r.ops_per_second / base.ops_per_second if base.ops_per_second else 0
-        table.add_row(
-            r.backend,
-            f"{r.ops_per_second:,.0f}",
-            f"{ratio:.2f}x",
-            _us(r.map_latency.p50),
-            _us(r.map_latency.p99),
-            _us(r.try_map_latency.p50),
-            f"{r.busy:,}",
-            "ok" if r.ok else "FAILED",
-        )
+def _verdict(r: StressReport) -> str:
+    if r.interrupted:
+        return "interrupted" if r.ok else "FAILED"
+    return "ok" if r.ok else "FAILED"
+
+
+def _one_line(r: StressReport) -> str:
+    return (
+        f"{r.backend}: {r.ops:,} ops in {r.elapsed:.2f} s, "
+        f"{r.ops_per_second:,.0f} ops/s, Busy {r.busy:,}, "
+        f"cancelled {r.cancellations:,}: {_verdict(r)}"
+    )
+
+
+def _table(title: str, *columns: str) -> Table:
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right", no_wrap=True)
     return table
+
+
+def _figures(reports: list[StressReport]) -> Table:
+    base = reports[0]
+    table = _table("what happened", "", *(r.backend for r in reports))
+
+    def row(name: str, cell: Callable[[StressReport], str]) -> None:
+        table.add_row(name, *(cell(r) for r in reports))
+
+    row("operations (1)", lambda r: f"{r.ops:,}")
+    row("elapsed, s", lambda r: f"{r.elapsed:.2f}")
+    row("throughput, ops/s", lambda r: f"{r.ops_per_second:,.0f}")
+    if len(reports) > 1:
+        row(
+            f"vs {base.backend}",
+            lambda r: (
+                f"{r.ops_per_second / base.ops_per_second:.2f}x"
+                if base.ops_per_second
+                else "-"
+            ),
+        )
+    row("blocking maps (2)", lambda r: f"{r.maps:,}")
+    row("try_map calls (2)", lambda r: f"{r.try_maps:,}")
+    row("  of them Busy", lambda r: f"{r.busy:,}")
+    row("  served, %", _served)
+    row("cancelled maps", lambda r: f"{r.cancellations:,}")
+    row("faults met / injected", lambda r: f"{r.faults:,} / {r.faults_injected:,}")
+    row("evictions (move_notify)", lambda r: f"{r.evictions:,} ({r.move_notifies:,})")
+    row("try ops abandoned (3)", lambda r: f"{r.abandoned:,}")
+    row("MiB verified", lambda r: f"{r.bytes_verified / (1 << 20):,.0f}")
+    row("verdict", _verdict)
+    return table
+
+
+def _latency(reports: list[StressReport]) -> Table:
+    table = _table(
+        "latency, µs: a blocking map is lock wait + exporter + scheduler",
+        "",
+        "",
+        "mean",
+        "p50",
+        "p90",
+        "p99",
+        "max",
+    )
+    for r in reports:
+        parts = [
+            ("map", r.map_latency),
+            ("lock wait", r.lock_wait),
+            ("exporter", r.exporter_time),
+            ("scheduler", r.scheduler_delay),
+            ("try_map", r.try_map_latency),
+        ]
+        for i, (name, s) in enumerate(parts):
+            if name not in ("map", "try_map") and not s.count:
+                continue
+            table.add_row(
+                r.backend if i == 0 else "",
+                name,
+                *(_us(getattr(s, q)) for q in ("mean", "p50", "p90", "p99", "max")),
+                end_section=i == len(parts) - 1 and r is not reports[-1],
+            )
+    return table
+
+
+def _invariants(reports: list[StressReport]) -> Table:
+    if len(reports) == 1:
+        table = _table("invariants", "invariant", "held", "evidence")
+        table.columns[1].justify = "left"
+        table.columns[2].justify = "left"
+        table.columns[2].no_wrap = False
+        for inv in reports[0].invariants:
+            held = "[green]yes[/]" if inv.ok else "[bold red]NO[/]"
+            table.add_row(inv.name, held, escape(inv.detail))
+        return table
+    table = _table("invariants held", "invariant", *(r.backend for r in reports))
+    for i, inv in enumerate(reports[0].invariants):
+        cells = []
+        for r in reports:
+            ok = r.invariants[i].ok if i < len(r.invariants) else False
+            cells.append("[green]yes[/]" if ok else "[bold red]NO[/]")
+        table.add_row(inv.name, *cells)
+    return table
+
+
+_FOOTNOTES = (
+    "(1) whole operations: attach, map, check and write, unmap, detach of "
+    "--maps-per-op buffers each; abandoned ones included.",
+    "(2) each buffer an operation maps is one blocking map or one served "
+    "try_map; a Busy try_map and a cancelled map are retried, and in try mode "
+    "a Busy gives back what the operation held and maps it again, so the two "
+    "counts add up to more than operations x --maps-per-op.",
+    f"(3) try operations that met Busy {MAX_TRY_ROUNDS} rounds in a row and "
+    "gave up, mapping nothing (counted in operations).",
+)
+
+
+def _print_reports(
+    console: Console, reports: list[StressReport], *, quiet: bool
+) -> None:
+    if not reports:
+        return
+    if not quiet:
+        console.print(_figures(reports))
+        for note in _FOOTNOTES:
+            console.print(note, highlight=False, style="dim")
+        console.print(_latency(reports))
+        console.print(_invariants(reports))
+    for r in reports:
+        if len(reports) > 1 or quiet:
+            for inv in r.invariants:
+                if not inv.ok:
+                    console.print(
+                        f"  {r.backend}: {inv.name}: {escape(inv.detail)}",
+                        highlight=False,
+                    )
+        if not quiet:
+            for note in r.notes:
+                console.print(f"note ({r.backend}): {escape(note)}", highlight=False)
+        if r.hang_report:
+            title = "hung" if r.hung else "stuck when interrupted"
+            console.print(
+                f"[bold red]{title}[/] ({r.backend}): who waits for what",
+                highlight=False,
+            )
+            for line in r.hang_report:
+                console.print(line, highlight=False, markup=False)
 
 
 def _plot(plt: Any, reports: list[StressReport], path: Path) -> None:
     """Latency distributions (map, try_map) and throughput, per backend."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _draw(plt, reports, path)
+
+
+def _draw(plt: Any, reports: list[StressReport], path: Path) -> None:
     fig, (ax_map, ax_try, ax_ops) = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, attr, title in (
         (ax_map, "map_latency", "map() latency"),
         (ax_try, "try_map_latency", "try_map() latency"),
     ):
+        drawn = False
         for r in reports:
             summary = getattr(r, attr)
             if not summary.count:
@@ -535,22 +855,31 @@ def _plot(plt: Any, reports: list[StressReport], path: Path) -> None:
             q = summary.quantiles
             xs = [max(v * 1e6, 1e-3) for v in q]
             ys = [i / (len(q) - 1) for i in range(len(q))]
-            ax.step(xs, ys, where="post", label=r.backend)
-        ax.set_xscale("log")
+            ax.step(xs, ys, where="post", label=f"{r.backend} ({_verdict(r)})")
+            drawn = True
+        if drawn:
+            ax.set_xscale("log")
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no calls", ha="center", va="center")
         ax.set_xlabel("µs")
         ax.set_ylabel("fraction of calls")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
     names = [r.backend for r in reports]
-    ax_ops.bar(names, [r.ops_per_second for r in reports], color="tab:blue")
+    colors = ["tab:blue" if r.ok else "tab:red" for r in reports]
+    ax_ops.bar(names, [r.ops_per_second for r in reports], color=colors)
     ax_ops.set_title("throughput")
     ax_ops.set_ylabel("operations / s")
-    fig.suptitle(
+    failed = [r.backend for r in reports if not r.ok]
+    title = (
         f"asyncdmabuf stress: {reports[0].exporter}, {reports[0].config.tasks} tasks"
-        if reports
-        else "asyncdmabuf stress"
     )
+    if failed:
+        title = f"FAILED ({', '.join(failed)}): {title}"
+    elif any(r.interrupted for r in reports):
+        title = f"interrupted: {title}"
+    fig.suptitle(title, color="tab:red" if failed else "black")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -559,8 +888,9 @@ def _plot(plt: Any, reports: list[StressReport], path: Path) -> None:
 # -- bench -----------------------------------------------------------------------------
 
 
-def _bench_command(args: argparse.Namespace, console: Console) -> int:
+def _bench_command(args: argparse.Namespace, console: Console, errors: Console) -> int:
     from ._bench import run_bench
 
+    _check_writable(args.json, "--json")
     status = run_bench(console, quick=args.quick, json_path=args.json)
     return status if args.strict or status != 1 else EXIT_OK

@@ -7,6 +7,7 @@ depend on ``asyncdmabuf.exporters``.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -66,6 +67,10 @@ class StressConfig:
             None for room for every buffer.
         alloc_latency: Seconds to allocate a buffer's backing (``alloc_latency``).
         map_latency: Seconds of a backing's first map (``map_latency``).
+        map_hold: Seconds every blocking map spends in the exporter with the
+            buffer's lock held, added by the run (see :mod:`.instrument`) to
+            whatever the exporter's own map takes, as a device's map does;
+            0 for the exporter as it is.
     """
 
     exporter: str = "memfd"
@@ -73,7 +78,7 @@ class StressConfig:
     buffers: int = 32
     devices: int = 4
     buffer_size: int = 64 << 10
-    ops: int | None = 20_000
+    ops: int | None = 10_000
     duration: float | None = None
     map_mode: MapMode = "mixed"
     maps_per_op: int = 2
@@ -86,6 +91,7 @@ class StressConfig:
     memory: int | None = None
     alloc_latency: float = 0.0
     map_latency: float = 0.0
+    map_hold: float = 0.0005
 
     def __post_init__(self) -> None:
         for name in ("tasks", "buffers", "devices", "buffer_size", "maps_per_op"):
@@ -106,7 +112,13 @@ class StressConfig:
             raise InvalidArgument(f"map_mode must be one of {', '.join(MAP_MODES)}")
         for name in ("cancel_rate", "fault_rate"):
             check_number(getattr(self, name), name, 0.0, 1.0)
-        for name in ("watchdog", "backoff", "alloc_latency", "map_latency"):
+        for name in (
+            "watchdog",
+            "backoff",
+            "alloc_latency",
+            "map_latency",
+            "map_hold",
+        ):
             value = check_number(getattr(self, name), name)
             if value == float("inf"):
                 raise InvalidArgument(f"{name} must be finite, got {value}")
@@ -120,12 +132,28 @@ def available_exporters() -> list[str]:
 
 
 def load_exporter(name: str) -> type[Exporter]:
-    """Return the exporter class registered as ``name``.
+    """Return the exporter class registered as ``name``, or at ``module:Class``.
 
     Raises:
-        InvalidArgument: No exporter is registered under that name, or it is
-            not an :class:`~asyncdmabuf.Exporter` subclass.
+        InvalidArgument: No exporter is registered under that name, the
+            module or class cannot be found, or it is not an
+            :class:`~asyncdmabuf.Exporter` subclass.
     """
+    if ":" in name:
+        module_name, _, qualname = name.partition(":")
+        try:
+            found: object = importlib.import_module(module_name)
+            for part in qualname.split("."):
+                found = getattr(found, part)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise InvalidArgument(f"cannot load exporter {name!r}: {exc}") from None
+        if (
+            isinstance(found, type)
+            and issubclass(found, Exporter)
+            and not inspect.isabstract(found)
+        ):
+            return found
+        raise InvalidArgument(f"{name!r} is not a concrete Exporter subclass")
     for ep in entry_points(group=GROUP, name=name):
         cls = ep.load()
         if isinstance(cls, type) and issubclass(cls, Exporter):
@@ -133,6 +161,24 @@ def load_exporter(name: str) -> type[Exporter]:
         raise InvalidArgument(f"entry point {name!r} is not an Exporter subclass")
     known = ", ".join(available_exporters()) or "none"
     raise InvalidArgument(f"no exporter named {name!r} (registered: {known})")
+
+
+def exporter_options(cls: type[Exporter]) -> frozenset[str]:
+    """The options :func:`make_exporter` can pass ``cls``'s constructor."""
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # no signature to read: no options
+        return frozenset()
+    return frozenset(
+        key
+        for key, p in params.items()
+        if p.kind
+        not in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.VAR_POSITIONAL,
+            inspect.Parameter.VAR_KEYWORD,
+        )
+    )
 
 
 def make_exporter(config: StressConfig) -> Exporter:

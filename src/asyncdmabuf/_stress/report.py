@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .._errors import InvalidArgument
@@ -21,6 +21,19 @@ __all__ = [
 
 #: How many points of each latency distribution a report keeps (for plots).
 QUANTILE_POINTS = 101
+
+#: JSON keys that carry their unit: every duration in seconds is renamed
+#: ``*_s``, every size ``*_bytes``; latencies are in microseconds (``*_us``).
+_CONFIG_KEYS = {
+    "buffer_size": "buffer_size_bytes",
+    "memory": "memory_bytes",
+    "duration": "duration_s",
+    "watchdog": "watchdog_s",
+    "backoff": "backoff_s",
+    "alloc_latency": "alloc_latency_s",
+    "map_latency": "map_latency_s",
+    "map_hold": "map_hold_s",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +68,14 @@ class LatencySummary:
                 for i in range(QUANTILE_POINTS)
             ),
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary as JSON-ready data, in microseconds (keys ``*_us``)."""
+        data: dict[str, Any] = {"count": self.count}
+        for name in ("mean", "p50", "p90", "p99", "max"):
+            data[f"{name}_us"] = getattr(self, name) * 1e6
+        data["quantiles_us"] = [q * 1e6 for q in self.quantiles]
+        return data
 
 
 def percentile(ordered: Sequence[float], pct: float) -> float:
@@ -118,8 +139,16 @@ class StressReport:
     mismatches: int
     map_latency: LatencySummary
     try_map_latency: LatencySummary
+    lock_wait: LatencySummary
+    """Of each blocking map: the time the buffer's lock kept it out."""
+    exporter_time: LatencySummary
+    """Of each blocking map: the time in the exporter's ``map``, lock held."""
+    scheduler_delay: LatencySummary
+    """Of each blocking map: the time its task was ready but not running."""
     invariants: tuple[Invariant, ...]
     hung: bool
+    interrupted: bool = False
+    """The run was stopped early (``stop``): the figures are partial."""
     hang_report: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     busy_reasons: tuple[tuple[str, int], ...] = ()
@@ -132,7 +161,25 @@ class StressReport:
         return all(inv.ok for inv in self.invariants)
 
     def to_dict(self) -> dict[str, Any]:
-        """Every figure, as JSON-ready data."""
-        data = asdict(self)
+        """Every figure, as JSON-ready data, each key naming its unit.
+
+        Durations are ``*_s`` (seconds), sizes ``*_bytes``, latencies
+        ``*_us`` (microseconds); counts have no unit.
+        """
+        data: dict[str, Any] = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, LatencySummary):
+                data[f"{field.name}_us"] = value.to_dict()
+            elif field.name == "config":
+                data["config"] = {
+                    _CONFIG_KEYS.get(k, k): v for k, v in asdict(value).items()
+                }
+            elif field.name == "elapsed":
+                data["elapsed_s"] = value
+            elif field.name == "invariants":
+                data["invariants"] = [asdict(inv) for inv in value]
+            else:
+                data[field.name] = value
         data["ok"] = self.ok
         return data

@@ -12,13 +12,18 @@ from .._errors import InvalidArgument
 from .._exporter import Exporter
 from .._stats import device_statistics
 from .config import StressConfig, injects_faults, make_exporter
+from .instrument import instrumented
 from .report import LatencySummary, StressProgress, StressReport
 from .verdict import detach_leftovers, judge, memfds, put_all
 from .watchdog import monitor as run_monitor
-from .watchdog import watchdog
+from .watchdog import watchdog, who_waits
 from .workload import Run, final_check, worker
 
 __all__ = ["run_stress"]
+
+#: How long without a completed operation makes an interrupted run say who
+#: waits for what.
+STUCK_SECONDS = 1.0
 
 #: How many Busy reasons a report keeps.
 BUSY_REASONS = 5
@@ -30,6 +35,7 @@ async def run_stress(
     exporter: Exporter | None = None,
     monitor: Callable[[StressProgress], object] | None = None,
     monitor_interval: float = 0.1,
+    stop: anyio.Event | None = None,
 ) -> StressReport:
     """Run the stress workload on the current event loop and judge it.
 
@@ -38,6 +44,10 @@ async def run_stress(
         exporter: Use this exporter instead of building ``config.exporter``.
         monitor: Called every ``monitor_interval`` seconds with the progress.
         monitor_interval: Seconds between monitor calls.
+        stop: When set, the workers are cancelled and the run ends early
+            (cleaned up and judged as usual); the report says ``interrupted``
+            and, if an operation had been waiting for a second or more, who
+            waits for what.
 
     Returns:
         The report; ``report.ok`` tells whether every invariant held.
@@ -70,18 +80,13 @@ async def run_stress(
             assert config.duration is not None
             run.deadline = run.started + config.duration
         start = time.perf_counter()
-        async with anyio.create_task_group() as tg:
-            if config.watchdog:
-                tg.start_soon(watchdog, run, name="stress-watchdog")
-            if monitor is not None:
-                tg.start_soon(
-                    run_monitor, run, monitor, monitor_interval, name="stress-monitor"
-                )
-            with run.workers_scope:
-                async with anyio.create_task_group() as workers:
-                    for task in run.tasks:
-                        workers.start_soon(worker, run, task, name=task.name)
-            tg.cancel_scope.cancel()
+        with instrumented(exporter, run.stamps, config.map_hold) as measured:
+            await _run_workers(run, monitor, monitor_interval, stop)
+        if not measured:
+            notes.append(
+                f"exporter {exporter.name!r} could not be instrumented: "
+                "no map hold, no latency breakdown"
+            )
         elapsed = time.perf_counter() - start
         leftovers = await detach_leftovers(run)
         if run.verifiable:
@@ -116,12 +121,48 @@ async def run_stress(
         mismatches=run.mismatches,
         map_latency=LatencySummary.of(run.map_latency),
         try_map_latency=LatencySummary.of(run.try_latency),
+        lock_wait=LatencySummary.of(run.lock_wait),
+        exporter_time=LatencySummary.of(run.exporter_time),
+        scheduler_delay=LatencySummary.of(run.scheduler_delay),
         invariants=invariants,
         hung=run.hung,
+        interrupted=run.interrupted,
         hang_report=run.hang_report,
         notes=tuple(notes + _busy_notes(run)),
         busy_reasons=tuple(run.busy_reasons.most_common(BUSY_REASONS)),
     )
+
+
+async def _run_workers(
+    run: Run,
+    monitor: Callable[[StressProgress], object] | None,
+    monitor_interval: float,
+    stop: anyio.Event | None,
+) -> None:
+    """Run the workers, with the watchdog, the monitor and ``stop`` beside them."""
+    async with anyio.create_task_group() as tg:
+        if stop is not None:
+            tg.start_soon(_stop_on, run, stop, name="stress-stop")
+        if run.config.watchdog:
+            tg.start_soon(watchdog, run, name="stress-watchdog")
+        if monitor is not None:
+            tg.start_soon(
+                run_monitor, run, monitor, monitor_interval, name="stress-monitor"
+            )
+        with run.workers_scope:
+            async with anyio.create_task_group() as workers:
+                for task in run.tasks:
+                    workers.start_soon(worker, run, task, name=task.name)
+        tg.cancel_scope.cancel()
+
+
+async def _stop_on(run: Run, stop: anyio.Event) -> None:
+    await stop.wait()
+    run.interrupted = True
+    idle = anyio.current_time() - run.last_progress
+    if idle >= STUCK_SECONDS and not run.hang_report:
+        run.hang_report = who_waits(run, idle)
+    run.workers_scope.cancel()
 
 
 def _busy_notes(run: Run) -> list[str]:

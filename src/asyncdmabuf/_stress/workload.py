@@ -34,6 +34,7 @@ from .._errors import Busy, DmaBufError, InjectedFault
 from .._exporter import Exporter
 from .._sgtable import Direction, SgTable
 from .config import StressConfig
+from .instrument import MapTimes, Stamps
 from .report import StressProgress
 
 __all__ = ["BACKOFF_CAP", "CLEANUP_SECONDS", "MAX_TRY_ROUNDS", "Run", "Task", "worker"]
@@ -93,17 +94,22 @@ class Run:
         "errors",
         "expected",
         "exporter",
+        "exporter_time",
         "faults",
         "hang_report",
         "hung",
+        "interrupted",
         "issued",
         "last_progress",
+        "lock_wait",
         "map_latency",
         "maps",
         "mismatch_detail",
         "mismatches",
         "move_notifies",
         "ops_done",
+        "scheduler_delay",
+        "stamps",
         "started",
         "tasks",
         "try_latency",
@@ -123,6 +129,14 @@ class Run:
         self.clock = native_clock()
         self.tasks = [Task(f"worker-{i}", self.clock) for i in range(config.tasks)]
         self.map_latency: array[float] = array("d")
+        #: What each blocking map's latency is made of (see MapTimes); empty
+        #: when the exporter could not be instrumented.
+        self.lock_wait: array[float] = array("d")
+        self.exporter_time: array[float] = array("d")
+        self.scheduler_delay: array[float] = array("d")
+        #: Latencies are real time, read at the finest resolution there is
+        #: (uvloop's loop clock counts milliseconds).
+        self.stamps = Stamps(time.perf_counter)
         self.try_latency: array[float] = array("d")
         self.issued = self.ops_done = self.abandoned = 0
         self.maps = self.try_maps = self.busy = self.cancellations = 0
@@ -134,6 +148,7 @@ class Run:
         self.started = self.last_progress = anyio.current_time()
         self.deadline = math.inf
         self.hung = False
+        self.interrupted = False
         self.hang_report: tuple[str, ...] = ()
         self.workers_scope = anyio.CancelScope()
 
@@ -254,9 +269,11 @@ async def map_blocking(
     direction: Direction,
 ) -> SgTable:
     """``await att.map()``, sometimes cancelled at a random point and retried."""
+    clock = run.stamps.clock
     while True:
         task.doing("map", index)
-        start = time.perf_counter()
+        run.stamps.take(att)
+        called = clock()
         if rng.random() < run.config.cancel_rate:
             sgt = await map_cancelled_at_random(att, direction, rng.randrange(8))
             if sgt is None:
@@ -264,8 +281,15 @@ async def map_blocking(
                 continue
         else:
             sgt = await att.map(direction)
-        run.map_latency.append(time.perf_counter() - start)
+        ended = clock()
+        run.map_latency.append(ended - called)
         run.maps += 1
+        moments = run.stamps.take(att)
+        if moments is not None:
+            times = MapTimes.of(called, *moments, ended)
+            run.lock_wait.append(times.lock_wait)
+            run.exporter_time.append(times.exporter)
+            run.scheduler_delay.append(times.scheduler)
         return sgt
 
 

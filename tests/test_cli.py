@@ -1,0 +1,306 @@
+"""``asyncdmabuf`` end to end, in real processes: exit codes, signals, bad input.
+
+Every child runs ``sys.executable -m asyncdmabuf``, bounded in time; the
+signal tests read the child's output until it reports progress, then signal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import asyncdmabuf
+
+SMALL = ["--tasks", "4", "--buffers", "4", "--buffer-size", "4K", "--ops", "60"]
+TIMEOUT = 60
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, *prefix] if prefix else [sys.executable, "-m"]
+    if not prefix:
+        command.append("asyncdmabuf")
+    return subprocess.run(
+        [*command, *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def assert_usage_error(done: subprocess.CompletedProcess[str], *words: str) -> None:
+    """Exit 2, one line on stderr naming ``words``, no traceback, no work."""
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert "asyncdmabuf stress:" not in done.stdout  # no run was started
+
+
+@pytest.fixture
+def exporter_module(tmp_path: Path) -> dict[str, str]:
+    """A module of odd exporters, importable as ``odd`` in the children."""
+    (tmp_path / "odd.py").write_text(
+        textwrap.dedent(
+            """
+            from asyncdmabuf import OutOfMemory
+            from asyncdmabuf.exporters import MemfdExporter
+
+
+            class Corrupting(MemfdExporter):
+                async def unmap(self, attachment, sgt, direction):
+                    with self.vmap(attachment.buffer) as view:
+                        view[0] ^= 0xFF
+
+
+            class NoRoom(MemfdExporter):
+                async def allocate(self, size, *, name=None):
+                    raise OutOfMemory("no room for the test")
+
+
+            NOT_A_CLASS = 3
+            """
+        )
+    )
+    return {"PYTHONPATH": str(tmp_path)}
+
+
+# -- exit codes ----------------------------------------------------------------------
+
+
+def test_version() -> None:
+    done = run_cli("--version")
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"asyncdmabuf {asyncdmabuf.__version__}"
+
+
+def test_exporter_by_import_path() -> None:
+    done = run_cli(
+        "stress",
+        *SMALL,
+        "--backend",
+        "asyncio",
+        "--exporter",
+        "asyncdmabuf.exporters:MemfdExporter",
+        "--quiet",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "every invariant held" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("exporter", "words"),
+    [
+        ("odd:NOT_A_CLASS", ["not a concrete Exporter subclass"]),
+        ("builtins:int", ["not a concrete Exporter subclass"]),
+        ("no_such_module:X", ["cannot load exporter", "no_such_module"]),
+        ("odd:Missing", ["cannot load exporter"]),
+        ("no-such-name", ["no exporter named 'no-such-name'"]),
+    ],
+)
+def test_bad_exporters_are_usage_errors(
+    exporter: str, words: list[str], exporter_module: dict[str, str]
+) -> None:
+    done = run_cli("stress", *SMALL, "--exporter", exporter, env=exporter_module)
+    assert_usage_error(done, *words)
+
+
+def test_a_failed_invariant_exits_1_and_marks_the_plot(
+    tmp_path: Path, exporter_module: dict[str, str]
+) -> None:
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "run.json", tmp_path / "run.png"
+    done = run_cli(
+        "stress",
+        *SMALL,
+        "--exporter",
+        "odd:Corrupting",
+        "--json",
+        str(out),
+        "--plot",
+        str(png),
+        env=exporter_module,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "FAILED: an invariant did not hold" in done.stdout
+    assert "Warning" not in done.stderr  # matplotlib's warnings stay quiet
+    assert "Traceback" not in done.stderr
+    data = json.loads(out.read_text())
+    assert data["ok"] is False
+    assert data["interrupted"] is False
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_dmabuf_error_during_the_run_is_a_failed_check(
+    exporter_module: dict[str, str],
+) -> None:
+    done = run_cli("stress", *SMALL, "--exporter", "odd:NoRoom", env=exporter_module)
+    assert done.returncode == 1, done.stdout + done.stderr
+    text = " ".join(done.stdout.split())
+    assert "FAILED: an error stopped the run" in text
+    assert "OutOfMemory: [ENOMEM] no room for the test" in text
+    assert "Traceback" not in done.stderr
+
+
+# -- every argument checked before any work ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--json", "/nonexistent/x.json"], ["--json", "no directory /nonexistent"]),
+        (["--plot", "/proc/x.png"], ["--plot", "cannot write in /proc"]),
+        (["--json", "/tmp"], ["--json", "is a directory"]),
+        (["--tasks", "100000000"], ["--tasks 100,000,000", "at most"]),
+        (["--buffers", "1000", "--buffer-size", "1G"], ["--buffers 1,000", "need"]),
+        (["--memory", "64K"], ["--memory", "'memfd' does not"]),
+        (["--map-latency", "0.001"], ["--map-latency", "'memfd' does not"]),
+        (["--alloc-latency", "0.001"], ["--alloc-latency", "'memfd' does not"]),
+        (["--fault-rate", "0.1"], ["--fault-rate", "'memfd' does not"]),
+        (["--tasks", "zero"], ["--tasks", "not a whole number"]),
+        (["--buffer-size", "lots"], ["not a positive size"]),
+        (["--duration", "0"], ["--duration", "must be > 0"]),
+        (["--cancel-rate", "nan"], ["not a finite number"]),
+        (["--maps-per-op", "9"], ["maps_per_op (9) exceeds buffers"]),
+        (["--no-such-flag"], ["unrecognized arguments"]),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_work(
+    args: list[str], words: list[str]
+) -> None:
+    small = [a for a in SMALL if a not in ("--ops", "60")]
+    assert_usage_error(run_cli("stress", *small, *args), *words)
+
+
+def test_buffers_are_bounded_by_rlimit_nofile() -> None:
+    limited = (
+        "-c",
+        "import resource, sys; "
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, "
+        "resource.getrlimit(resource.RLIMIT_NOFILE)[1])); "
+        "from asyncdmabuf.__main__ import main; sys.exit(main())",
+    )
+    done = run_cli("stress", "--buffers", "1000", "--buffer-size", "4K", prefix=limited)
+    assert_usage_error(done, "RLIMIT_NOFILE", "at most 192")
+
+
+def test_no_subcommand_is_a_usage_error() -> None:
+    assert_usage_error(run_cli(), "required")
+
+
+# -- interrupts ------------------------------------------------------------------------
+
+
+def interrupt(
+    args: list[str], signum: int, progress_lines: int = 1
+) -> tuple[int, str, str]:
+    """Start stress, wait for ``progress_lines`` progress reports, signal it."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "asyncdmabuf", "stress", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        seen: list[str] = []
+        for line in child.stdout:
+            seen.append(line)
+            if " ops in " in line:
+                progress_lines -= 1
+                if progress_lines <= 0:
+                    break
+        child.send_signal(signum)
+        out, err = child.communicate(timeout=10)
+        return child.returncode, "".join(seen) + out, err
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "uvloop", "trio"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
+def test_a_signal_ends_the_run_with_the_partial_report(
+    backend: str, signum: int, tmp_path: Path
+) -> None:
+    out = tmp_path / "run.json"
+    status, stdout, stderr = interrupt(
+        ["--backend", backend, "--duration", "60", "--json", str(out)], signum
+    )
+    assert status == 130, stdout + stderr
+    assert "Traceback" not in stderr
+    assert "interrupted" in stdout
+    data = json.loads(out.read_text())
+    assert data["interrupted"] is True
+    (run,) = data["runs"]
+    assert run["interrupted"] is True
+    assert run["backend"] == backend
+    assert run["ok"] is True  # stopped early, and it still left nothing behind
+
+
+def test_an_interrupted_deadlock_says_who_waits_for_what(tmp_path: Path) -> None:
+    # Blocking maps on over-subscribed device memory, the watchdog off: the
+    # run stays stuck until the interrupt, which reports the waiters.
+    args = [
+        "--backend",
+        "trio",
+        "--exporter",
+        "simdev",
+        "--map-mode",
+        "block",
+        "--memory",
+        "16K",
+        "--buffers",
+        "16",
+        "--buffer-size",
+        "4K",
+        "--tasks",
+        "8",
+        "--cancel-rate",
+        "0",
+        "--alloc-latency",
+        "0.001",
+        "--watchdog",
+        "0",
+        "--duration",
+        "60",
+    ]
+    status, stdout, stderr = interrupt(args, signal.SIGINT, progress_lines=3)
+    assert status == 130, stdout + stderr
+    assert "Traceback" not in stderr
+    assert "who waits for what" in stdout
+    assert "of memory on 'simdev0'" in stdout
+
+
+# -- the terminal at 80 columns -------------------------------------------------
+
+
+def test_the_default_report_fits_80_columns() -> None:
+    done = run_cli("stress", "--ops", "300", env={"COLUMNS": "80"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    too_long = [line for line in lines if len(line.rstrip()) > 80]
+    assert not too_long, too_long
+    headers = [
+        ("asyncio", "uvloop", "trio"),  # what happened
+        ("mean", "p50", "p90", "p99", "max"),  # latency
+        ("invariant", "asyncio", "uvloop", "trio"),  # invariants held
+    ]
+    for words in headers:
+        assert any(all(w in line.split() for w in words) for line in lines), words
+    text = done.stdout
+    for figure in ("of them Busy", "served, %", "lock wait", "exporter", "scheduler"):
+        assert figure in text
