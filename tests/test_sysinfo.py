@@ -323,7 +323,7 @@ def test_ctrl_c_exits_130(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_bufinfo_cli, "scan", interrupted)
     args = argparse.Namespace(pids=None, json=False, width=None)
     console = Console(file=io.StringIO())
-    assert _bufinfo_cli.bufinfo_command(args, console) == 130
+    assert _bufinfo_cli.bufinfo_command(args, console, console) == 130
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a scan as nobody")

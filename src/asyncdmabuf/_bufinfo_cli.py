@@ -71,9 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def bufinfo_command(args: argparse.Namespace, console: Console) -> int:
-    """Scan ``/proc`` and print what it holds; return the exit status."""
-    errors = Console(stderr=True)
+def bufinfo_command(args: argparse.Namespace, console: Console, errors: Console) -> int:
+    """Scan ``/proc`` and print what it holds; return the exit status.
+
+    ``errors`` is the console for one-line errors (standard error).
+    """
     pids: Sequence[int] | None = args.pids
     try:
         missing = [p for p in pids or () if not os.path.exists(f"/proc/{p}")]
