@@ -6,7 +6,6 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import json
 import os
 import platform
 import select
@@ -23,7 +22,6 @@ from typing import Any
 import anyio
 import anyio.abc
 import pytest
-from anyio.streams.buffered import BufferedByteReceiveStream
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -39,6 +37,7 @@ from asyncdmabuf.exporters import (
 
 from .exporters_for_tests import RecordingExporter
 from .helpers import stream_pair, wait_all_blocked
+from .peers import Peer, run_peer
 from .share_peer import pattern
 
 pytestmark = pytest.mark.anyio
@@ -60,25 +59,6 @@ async def raw_pair() -> AsyncIterator[tuple[socket.socket, anyio.abc.UNIXSocketS
             yield a, sb
 
 
-class Peer:
-    """The other process (tests/share_peer.py) and a line channel to it."""
-
-    def __init__(
-        self, proc: anyio.abc.Process, stream: anyio.abc.UNIXSocketStream
-    ) -> None:
-        self.proc = proc
-        self.stream = stream
-        self._reader = BufferedByteReceiveStream(stream)
-
-    async def facts(self) -> dict[str, Any]:
-        line = await self._reader.receive_until(b"\n", 65536)
-        facts: dict[str, Any] = json.loads(line)
-        return facts
-
-    async def say(self, line: str) -> None:
-        await self.stream.send(line.encode() + b"\n")
-
-
 def _peer_env(backend: object) -> dict[str, str]:
     env = dict(os.environ)
     name = backend[0] if isinstance(backend, tuple) else str(backend)
@@ -89,31 +69,8 @@ def _peer_env(backend: object) -> dict[str, str]:
 @contextlib.asynccontextmanager
 async def peer(command: str, *args: str, backend: object) -> AsyncIterator[Peer]:
     """Run share_peer.py COMMAND over a socketpair; it must exit 0 unless killed."""
-    mine, theirs = socket.socketpair()
-    with theirs:
-        proc = await anyio.open_process(
-            [sys.executable, str(PEER), command, str(theirs.fileno()), *args],
-            pass_fds=(theirs.fileno(),),
-            stdin=subprocess.DEVNULL,
-            stdout=None,
-            stderr=None,
-            env=_peer_env(backend),
-        )
-    stream = await anyio.abc.UNIXSocketStream.from_socket(mine)
-    try:
-        async with stream:
-            yield Peer(proc, stream)
-    except BaseException:
-        proc.kill()
-        raise
-    finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(30) as scope:
-            await proc.wait()
-        if scope.cancelled_caught:
-            proc.kill()
-            await proc.wait()
-        await proc.aclose()
-    assert proc.returncode in (0, -9), f"peer {command} exited {proc.returncode}"
+    async with run_peer(PEER, [command, *args], _peer_env(backend)) as child:
+        yield child
 
 
 async def filled(size: int, name: str | None = None) -> dmabuf.DmaBuf:

@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -23,12 +19,12 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 import pytest
-from anyio.streams.buffered import BufferedByteReceiveStream
 
 import asyncdmabuf as dmabuf
 from asyncdmabuf.exporters import MemfdExporter
 
 from .helpers import fd_targets
+from .peers import Peer, run_peer
 from .stream_peer import fill
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -48,60 +44,14 @@ def peer_backend(backend: tuple[str, dict[str, object]]) -> str:
     return "uvloop" if backend[1].get("use_uvloop") else "asyncio"
 
 
-class Peer:
-    """A process running tests/stream_peer.py, and its control channel."""
-
-    def __init__(
-        self, proc: anyio.abc.Process, stream: anyio.abc.UNIXSocketStream
-    ) -> None:
-        self.proc = proc
-        self.stream = stream
-        self._reader = BufferedByteReceiveStream(stream)
-
-    async def facts(self) -> dict[str, Any]:
-        with anyio.fail_after(60):
-            line = await self._reader.receive_until(b"\n", 1 << 20)
-        facts: dict[str, Any] = json.loads(line)
-        return facts
-
-    async def say(self, line: str = "go") -> None:
-        await self.stream.send(line.encode() + b"\n")
-
-
 @contextlib.asynccontextmanager
 async def peer(
     role: str, path: str, *args: object, backend: tuple[str, dict[str, object]]
 ) -> AsyncIterator[Peer]:
     """Run stream_peer.py ROLE; it must exit 0 unless the test killed it."""
-    mine, theirs = socket.socketpair()
     env = dict(os.environ, PEER_BACKEND=peer_backend(backend))
-    with theirs:
-        cmd = [sys.executable, str(PEER), role, str(theirs.fileno()), path]
-        proc = await anyio.open_process(
-            [*cmd, *map(str, args)],
-            pass_fds=(theirs.fileno(),),
-            stdin=subprocess.DEVNULL,
-            stdout=None,
-            stderr=None,
-            env=env,
-        )
-    stream = await anyio.abc.UNIXSocketStream.from_socket(mine)
-    try:
-        async with stream:
-            yield Peer(proc, stream)
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        raise
-    finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(30) as scope:
-            await proc.wait()
-        if scope.cancelled_caught:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-        await proc.aclose()
-    assert proc.returncode in (0, -signal.SIGKILL), f"{role} exited {proc.returncode}"
+    async with run_peer(PEER, [role, path, *map(str, args)], env) as child:
+        yield child
 
 
 async def produce(pub: dmabuf.Publisher, seq: int, **kwargs: Any) -> dmabuf.Frame:

@@ -14,7 +14,8 @@ One concept per module:
 
 from __future__ import annotations
 
-from .._faults import Fault, FaultOp, FaultPlan
+from asyncdmabuf.exporters._faults import Fault, FaultOp, FaultPlan
+
 from .device import SimDevice
 from .stats import SimStatistics
 

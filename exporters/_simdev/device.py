@@ -52,6 +52,7 @@ from asyncdmabuf import (
     SgTable,
     export,
 )
+from asyncdmabuf.exporters._faults import Fault, FaultOp, FaultPlan, Injector
 from asyncdmabuf.lowlevel import (
     DMA_MASK_64,
     UNLIMITED_SEGMENT,
@@ -60,7 +61,6 @@ from asyncdmabuf.lowlevel import (
     check_number,
 )
 
-from .._faults import Fault, FaultOp, FaultPlan, Injector
 from .constraints import Geometry, Need
 from .dma import DmaEngine
 from .eviction import Memory
