@@ -28,7 +28,7 @@ from typing import Any, final
 
 import anyio
 
-from ._backends import current_backend, native_current_task, task_name
+from ._backends import current_backend, task_name
 
 __all__ = ["WaitQueue", "WaitQueueStatistics"]
 
@@ -115,7 +115,7 @@ class WaitQueue:
 
     async def _park_asyncio(self) -> object:
         future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(native_current_task()(), future)
+        waiter = _Waiter(asyncio.current_task(), future)
         assert self._waiters is not None
         self._waiters[waiter] = None
         try:
