@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,8 @@ from typing import Any
 
 import anyio
 import pytest
+
+from asyncdmabuf._backends import BACKENDS
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -199,3 +203,25 @@ def test_examples_waiting_for_features() -> None:
     ]
     if waiting:
         pytest.skip("examples waiting for features: " + "; ".join(waiting))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_camera_pipeline_example_runs(backend: str) -> None:
+    """docs/examples/camera_pipeline.py: a camera and two consumer processes."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / "camera_pipeline.py"),
+            "--frames=60",
+            "--fps=240",
+            f"--backend={backend}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "recorder: 60 frames, 0 dropped" in result.stdout, result.stdout
+    assert "every buffer came back" in result.stdout
