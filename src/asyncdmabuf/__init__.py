@@ -11,7 +11,15 @@ from __future__ import annotations
 from . import _reduction  # noqa: F401  (DmaBuf pickles through multiprocessing)
 from ._attachment import Attachment
 from ._buffer import DmaBuf, export, get
-from ._bufinfo import AttachmentInfo, BufInfo, FenceInfo, bufinfo, format_bufinfo
+from ._bufinfo import (
+    AttachmentInfo,
+    BufInfo,
+    FenceInfo,
+    HolderInfo,
+    StreamInfo,
+    bufinfo,
+    format_bufinfo,
+)
 from ._device import Device
 from ._errors import (
     BadFileDescriptor,
@@ -65,6 +73,7 @@ __all__ = [
     "FenceInfo",
     "Frame",
     "FrameLayout",
+    "HolderInfo",
     "InjectedFault",
     "InvalidArgument",
     "LockStatistics",
@@ -78,6 +87,7 @@ __all__ = [
     "SgEntry",
     "SgTable",
     "ShareInfo",
+    "StreamInfo",
     "Subscriber",
     "SubscriberInfo",
     "SubscriberStatistics",

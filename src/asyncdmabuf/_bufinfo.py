@@ -1,4 +1,8 @@
-"""Who is using what: the kernel's ``/sys/kernel/debug/dma_buf/bufinfo``."""
+"""Who is using what: the kernel's ``/sys/kernel/debug/dma_buf/bufinfo``.
+
+Plus, for a buffer of a stream's publisher, what the stream does with it now
+and which subscribers hold it (what ``pub.subscribers`` says, by buffer).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,17 @@ from dataclasses import dataclass
 
 from ._buffer import DmaBuf, live_buffers
 from ._resv import Usage
+from ._stream._publisher import buffer_uses
 
-__all__ = ["AttachmentInfo", "BufInfo", "bufinfo", "format_bufinfo"]
+__all__ = [
+    "AttachmentInfo",
+    "BufInfo",
+    "FenceInfo",
+    "HolderInfo",
+    "StreamInfo",
+    "bufinfo",
+    "format_bufinfo",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +45,36 @@ class FenceInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class HolderInfo:
+    """A subscriber that holds a frame in a stream's buffer: sent, not released."""
+
+    pid: int
+    uid: int
+    seq: int
+    """The frame's number in its stream."""
+    state: str
+    """``"in-flight"`` (sent; the subscriber has not said it took it),
+    ``"taken"`` (received and not released) or ``"waiting"`` (a
+    ``drop-oldest`` subscriber's newest frame, kept at the publisher until the
+    subscriber has room)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """What the publisher that owns a buffer is doing with it now."""
+
+    buffer: int
+    """The buffer's number in its stream (as in ``SubscriberInfo.buffers``)."""
+    state: str
+    """``"free"`` (``loan`` may lend it), ``"loaned"`` (being filled) or
+    ``"sent"`` (not back yet: held, in the history, or behind a fence)."""
+    in_history: bool
+    release_fences: int
+    """Release fences that have not signalled yet: it is not free before."""
+    holders: tuple[HolderInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class BufInfo:
     """A snapshot of one live buffer."""
 
@@ -45,6 +88,9 @@ class BufInfo:
     fences: tuple[FenceInfo, ...] = ()
     cpu_access: tuple[str, ...] = ()
     """The modes of the CPU accesses open now (``begin_cpu_access`` not ended)."""
+    stream: StreamInfo | None = None
+    """For a buffer of a :class:`Publisher` in its ``async with`` block: its
+    state in the stream and the subscribers holding it."""
 
 
 def _fences(buf: DmaBuf) -> tuple[FenceInfo, ...]:
@@ -63,7 +109,21 @@ def _fences(buf: DmaBuf) -> tuple[FenceInfo, ...]:
     )
 
 
-def _info(buf: DmaBuf) -> BufInfo:
+def _streams() -> dict[int, StreamInfo]:
+    """Every publisher's buffers, by ``id()`` of the buffer."""
+    return {
+        id(buf): StreamInfo(
+            buffer=ident,
+            state=state,
+            in_history=in_history,
+            release_fences=fences,
+            holders=tuple(HolderInfo(*holder) for holder in holders),
+        )
+        for buf, ident, state, in_history, fences, holders in buffer_uses()
+    }
+
+
+def _info(buf: DmaBuf, streams: dict[int, StreamInfo]) -> BufInfo:
     return BufInfo(
         inode=buf.inode if buf.shared else None,
         size=buf.size,
@@ -80,12 +140,14 @@ def _info(buf: DmaBuf) -> BufInfo:
         ),
         fences=_fences(buf),
         cpu_access=buf.cpu_access_modes,
+        stream=streams.get(id(buf)),
     )
 
 
 def bufinfo() -> list[BufInfo]:
     """Return a snapshot of every live buffer of this process, oldest first."""
-    return [_info(buf) for buf in live_buffers()]
+    streams = _streams()
+    return [_info(buf, streams) for buf in live_buffers()]
 
 
 def format_bufinfo(infos: list[BufInfo] | None = None) -> str:
@@ -118,6 +180,8 @@ def format_bufinfo(infos: list[BufInfo] | None = None) -> str:
             )
         if info.cpu_access:
             lines.append(f"\tcpu access: {', '.join(info.cpu_access)}")
+        if info.stream is not None:
+            lines.extend(_stream_lines(info.stream))
         lines.append("\tAttached Devices:")
         for att in info.attachments:
             kind = " (dynamic)" if att.dynamic else ""
@@ -129,3 +193,15 @@ def format_bufinfo(infos: list[BufInfo] | None = None) -> str:
     total = sum(info.size for info in infos)
     lines.append(f"Total {len(infos)} objects, {total} bytes")
     return "\n".join(lines)
+
+
+def _stream_lines(stream: StreamInfo) -> list[str]:
+    extra = [" in history"] if stream.in_history else []
+    if stream.release_fences:
+        extra.append(f" {stream.release_fences} release fences pending")
+    lines = [f"\tstream buffer {stream.buffer}: {stream.state}{','.join(extra)}"]
+    lines.extend(
+        f"\t\tsubscriber pid {h.pid} uid {h.uid}: frame {h.seq} {h.state}"
+        for h in stream.holders
+    )
+    return lines

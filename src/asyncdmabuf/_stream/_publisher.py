@@ -290,6 +290,7 @@ class Publisher:
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
+        _ENTERED.add(self)  # for bufinfo()
         if self._listener is not None:
             tg.start_soon(self._accept_loop, self._listener)
         if self._transport is not None:
@@ -313,6 +314,7 @@ class Publisher:
             return None
         finally:
             self._tg = None
+            _ENTERED.discard(self)
             with anyio.CancelScope(shield=True):
                 await self._put_all()
 
@@ -760,6 +762,40 @@ class Publisher:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._peers)} subscribers"
         return f"<Publisher {len(self._slots)} buffers of {self._size} bytes, {state}>"
+
+
+# -- for bufinfo() -------------------------------------------------------------------
+
+#: The publishers inside their ``async with`` block now.
+_ENTERED: set[Publisher] = set()
+
+#: One buffer of a stream: (buffer, id, state, in history, release fences
+#: pending, holders); state "free", "loaned" or "sent"; a holder is (pid, uid,
+#: seq, "in-flight" sent and not known to be taken, "taken", or "waiting" at
+#: the publisher for a credit).
+BufferUse = tuple[DmaBuf, int, str, bool, int, tuple[tuple[int, int, int, str], ...]]
+
+
+def buffer_uses() -> list[BufferUse]:
+    """Return every buffer of every entered publisher and who holds it (read-only)."""
+    uses: list[BufferUse] = []
+    for pub in list(_ENTERED):
+        holders: dict[_Slot, list[tuple[int, int, int, str]]] = {}
+        for peer in pub._peers:
+            creds = peer.transport.peer
+            frames = [peer.frames[seq] for seq in sorted(peer.frames)]
+            taken = len(frames) - peer.inflight  # frames are taken in order
+            states = ["taken"] * taken + ["in-flight"] * peer.inflight
+            states += ["waiting"] * len(peer.pending)  # at the publisher
+            for sent, how in zip([*frames, *peer.pending], states, strict=True):
+                who = (creds.pid, creds.uid, sent.seq, how)
+                holders.setdefault(sent.slot, []).append(who)
+        for slot in pub._slots:
+            state = "loaned" if slot.loaned else "free" if slot.free else "sent"
+            fences = len(slot.fences)
+            held = tuple(holders.get(slot, ()))
+            uses.append((slot.buf, slot.id, state, slot.in_history, fences, held))
+    return uses
 
 
 class _Nobody:
