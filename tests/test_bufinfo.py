@@ -96,7 +96,7 @@ async def test_bufinfo_follows_a_stream_buffer_through_its_life() -> None:
         await until(lambda: streams()[loaned.buffer].holders == ())
         info = streams()[loaned.buffer]
         assert (info.state, info.release_fences) == ("sent", 1)
-        assert "1 release fences pending" in dmabuf.format_bufinfo()
+        assert "sent, 1 release fence pending" in dmabuf.format_bufinfo()
         scanout.signal()
         await until(lambda: streams()[loaned.buffer].state == "free")
     assert streams() == {}  # a closed publisher's buffers are gone
@@ -138,6 +138,11 @@ async def test_bufinfo_names_a_subscriber_process_and_forgets_it_killed(
             if s.state == "sent"
         }
         assert held == {(holder.proc.pid, 0), (holder.proc.pid, 1)}
+        (info,) = pub.subscribers  # the same facts, by subscriber
+        assert info.pid == holder.proc.pid
+        assert info.buffers == tuple(
+            sorted(n for n, s in streams().items() if s.holders)
+        )
         holder.proc.send_signal(signal.SIGKILL)
         await until(lambda: all(not s.holders for s in streams().values()))
         await until(lambda: {s.state for s in streams().values()} == {"free"})

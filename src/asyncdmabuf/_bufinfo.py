@@ -109,10 +109,10 @@ def _fences(buf: DmaBuf) -> tuple[FenceInfo, ...]:
     )
 
 
-def _streams() -> dict[int, StreamInfo]:
-    """Every publisher's buffers, by ``id()`` of the buffer."""
+def _streams() -> dict[DmaBuf, StreamInfo]:
+    """Every buffer of every publisher in its ``async with`` block."""
     return {
-        id(buf): StreamInfo(
+        buf: StreamInfo(
             buffer=ident,
             state=state,
             in_history=in_history,
@@ -123,7 +123,7 @@ def _streams() -> dict[int, StreamInfo]:
     }
 
 
-def _info(buf: DmaBuf, streams: dict[int, StreamInfo]) -> BufInfo:
+def _info(buf: DmaBuf, streams: dict[DmaBuf, StreamInfo]) -> BufInfo:
     return BufInfo(
         inode=buf.inode if buf.shared else None,
         size=buf.size,
@@ -140,7 +140,7 @@ def _info(buf: DmaBuf, streams: dict[int, StreamInfo]) -> BufInfo:
         ),
         fences=_fences(buf),
         cpu_access=buf.cpu_access_modes,
-        stream=streams.get(id(buf)),
+        stream=streams.get(buf),
     )
 
 
@@ -196,10 +196,12 @@ def format_bufinfo(infos: list[BufInfo] | None = None) -> str:
 
 
 def _stream_lines(stream: StreamInfo) -> list[str]:
-    extra = [" in history"] if stream.in_history else []
-    if stream.release_fences:
-        extra.append(f" {stream.release_fences} release fences pending")
-    lines = [f"\tstream buffer {stream.buffer}: {stream.state}{','.join(extra)}"]
+    parts = [stream.state]
+    if stream.in_history:
+        parts.append("in history")
+    if n := stream.release_fences:
+        parts.append(f"{n} release {'fence' if n == 1 else 'fences'} pending")
+    lines = [f"\tstream buffer {stream.buffer}: {', '.join(parts)}"]
     lines.extend(
         f"\t\tsubscriber pid {h.pid} uid {h.uid}: frame {h.seq} {h.state}"
         for h in stream.holders
