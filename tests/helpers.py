@@ -13,8 +13,11 @@ import asyncio
 import contextlib
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 
 import anyio
 import anyio.abc
@@ -137,3 +140,16 @@ def imported_from(owner: Fence) -> Fence:
     finally:
         _fence._by_file = known
         os.close(fd)
+
+
+def run_example(script: Path, *args: str) -> str:
+    """Run a docs example as a script; return its output, failing if it fails."""
+    result = subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout

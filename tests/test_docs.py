@@ -23,8 +23,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,8 @@ import anyio
 import pytest
 
 from asyncdmabuf._backends import BACKENDS
+
+from .helpers import run_example
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -209,19 +209,7 @@ def test_examples_waiting_for_features() -> None:
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_camera_pipeline_example_runs(backend: str) -> None:
     """docs/examples/camera_pipeline.py: a camera and two consumer processes."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(EXAMPLES / "camera_pipeline.py"),
-            "--frames=60",
-            "--fps=240",
-            f"--backend={backend}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "recorder: 60 frames, 0 dropped" in result.stdout, result.stdout
-    assert "every buffer came back" in result.stdout
+    args = ["--frames=60", "--fps=240", f"--backend={backend}"]
+    out = run_example(EXAMPLES / "camera_pipeline.py", *args)
+    assert "recorder: 60 frames, 0 dropped" in out, out
+    assert "every buffer came back" in out, out

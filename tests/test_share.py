@@ -36,7 +36,7 @@ from asyncdmabuf.exporters import (
 )
 
 from .exporters_for_tests import RecordingExporter
-from .helpers import stream_pair, wait_all_blocked
+from .helpers import run_example, stream_pair, wait_all_blocked
 from .peers import Peer, run_peer
 from .share_peer import pattern
 
@@ -697,22 +697,8 @@ async def test_dmaheap_buffers_share_and_import() -> None:
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_frame_pipeline_example_runs(backend: str) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(EXAMPLE),
-            "--frames=40",
-            "--size=65536",
-            "--pool=3",
-            f"--backend={backend}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "40 frames" in result.stdout
+    args = ["--frames=40", "--size=65536", "--pool=3", f"--backend={backend}"]
+    assert "40 frames" in run_example(EXAMPLE, *args)
 
 
 def test_share_module_limits() -> None:
