@@ -20,8 +20,8 @@ from .._validate import check_int, check_number
 __all__ = [
     "CLEAN_OPS",
     "GROUP",
-    "ExporterSpec",
     "MAP_MODES",
+    "ExporterSpec",
     "MapMode",
     "StressConfig",
     "available_exporters",

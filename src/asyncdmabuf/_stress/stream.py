@@ -20,11 +20,13 @@ from typing import Any, Literal, get_args
 
 from .._errors import InvalidArgument
 from .._layout import FrameLayout
+from .._stream._wire import MAX_BUFFERS, MAX_QUEUE
 from .._validate import check_int, check_number
 from .report import Invariant, LatencySummary
 
 __all__ = [
     "DEFAULT_LAYOUT",
+    "MAX_SUBSCRIBERS",
     "OVERFLOW_MODES",
     "Overflow",
     "StreamConfig",
@@ -44,6 +46,9 @@ OVERFLOW_MODES: tuple[str, ...] = get_args(Overflow)
 
 #: The frames of a default stream run: 640x480 XRGB8888, 1.2 MB.
 DEFAULT_LAYOUT = FrameLayout.for_format("XR24", 640, 480)
+
+#: The most subscriber processes a run starts.
+MAX_SUBSCRIBERS = 256
 
 #: One tile of a frame's pattern: ``seq + 1`` and a seq-scrambled word.
 TILE = struct.Struct("<QQ")
@@ -141,8 +146,9 @@ class StreamConfig:
     map_latency: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("subscribers", "buffers", "queue"):
-            check_int(getattr(self, name), name)
+        check_int(self.subscribers, "subscribers", 1, MAX_SUBSCRIBERS)
+        check_int(self.buffers, "buffers", 1, MAX_BUFFERS)
+        check_int(self.queue, "queue", 1, MAX_QUEUE)
         if self.layout is None:
             check_int(self.frame_size, "frame_size")
         elif not isinstance(self.layout, FrameLayout):

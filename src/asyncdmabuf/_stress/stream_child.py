@@ -188,7 +188,9 @@ async def subscriber(
             await check(frame, seen)
             done = Fence()
             frame.release(fence=done)
-            await anyio.lowlevel.checkpoint()  # the publisher may run (it must not reuse)
+            await (
+                anyio.lowlevel.checkpoint()
+            )  # the publisher may run (it must not reuse)
             await late_check(frame, seen)
             done.signal()
             seen.latency.append((time.monotonic_ns() - frame.timestamp) / 1e9)

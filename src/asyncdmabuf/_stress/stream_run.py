@@ -22,7 +22,7 @@ import sys
 import time
 from array import array
 from collections.abc import Callable
-from typing import Any, final
+from typing import TYPE_CHECKING, Any, cast, final
 
 import anyio
 import anyio.abc
@@ -30,7 +30,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from .._backends import current_loop_label
 from .._buffer import DmaBuf, live_buffers
-from .._errors import DmaBufError
+from .._errors import DmaBufError, InvalidArgument
 from .._exporter import Exporter
 from .._fence import Fence
 from .._stream import Frame, Publisher
@@ -45,6 +45,9 @@ from .stream import (
     overflow_of,
 )
 from .stream_child import MAX_LINE, fd_table, fds_left
+
+if TYPE_CHECKING:
+    from .._stream._publisher import Allocator
 
 __all__ = ["run_stream"]
 
@@ -71,8 +74,8 @@ class Child:
         "proc",
         "ready",
         "started",
-        "stream",
         "stopped",
+        "stream",
     )
 
     def __init__(
@@ -197,6 +200,9 @@ async def run_stream(
     """
     if exporter is None:
         exporter = make_exporter(config)
+    if getattr(exporter, "allocate", None) is None:
+        raise InvalidArgument(f"exporter {exporter.name!r} has no allocate(size)")
+    allocator = cast("Allocator", exporter)
     backend = current_loop_label() or "none"
     path = f"@asyncdmabuf-stress-{os.getpid()}-{secrets.token_hex(6)}"
     fds_before = fd_table()
@@ -207,7 +213,7 @@ async def run_stream(
     try:
         async with anyio.create_task_group() as tg:
             pub = await Publisher.bind(
-                path, exporter, layout_or_size, buffers=config.buffers
+                path, allocator, layout_or_size, buffers=config.buffers
             )
             async with pub:
                 run.pub = pub
@@ -229,7 +235,9 @@ async def run_stream(
     finally:
         with anyio.CancelScope(shield=True):
             await _reap(run)
-    subscribers = tuple(_subscriber_report(run, child, elapsed) for child in run.children)
+    subscribers = tuple(
+        _subscriber_report(run, child, elapsed) for child in run.children
+    )
     invariants = _judge(run, subscribers, fds_before, buffers_before)
     notes = []
     killed = [c for c in run.children if c.killed]
@@ -259,7 +267,7 @@ async def run_stream(
     )
 
 
-# -- the subscriber processes ------------------------------------------------------------
+# -- the subscriber processes ---------------------------------------------------------
 
 
 async def _spawn(index: int, spec: dict[str, Any]) -> Child:
@@ -382,7 +390,7 @@ async def _reap(run: StreamRun) -> None:
         await child.proc.aclose()
 
 
-# -- the publisher -----------------------------------------------------------------------
+# -- the publisher ---------------------------------------------------------------------
 
 
 async def _drive(
@@ -518,7 +526,9 @@ def _who_holds(run: StreamRun, idle: float) -> tuple[str, ...]:
 # -- the verdict -----------------------------------------------------------------------
 
 
-def _subscriber_report(run: StreamRun, child: Child, elapsed: float) -> SubscriberReport:
+def _subscriber_report(
+    run: StreamRun, child: Child, elapsed: float
+) -> SubscriberReport:
     facts = child.facts
     latency = facts.get("latency") or [0, 0.0, 0.0, 0.0, 0.0, 0.0, []]
     count, mean, p50, p90, p99, most, quantiles = latency
@@ -588,8 +598,7 @@ def _judge(
             not run.hung,
             (
                 f"a frame was sent or a buffer came back at least every "
-                f"{config.watchdog:g} s"
-                + ("" if config.watchdog else " (off)")
+                f"{config.watchdog:g} s" + ("" if config.watchdog else " (off)")
             )
             if not run.hung
             else "the watchdog fired: " + run.hang_report[0],
@@ -666,9 +675,7 @@ def _judge(
         )
     )
     left = _children_left(run)
-    statuses = [
-        s.exit_status for s in subs if s.exit_status != (-9 if s.killed else 0)
-    ]
+    statuses = [s.exit_status for s in subs if s.exit_status != (-9 if s.killed else 0)]
     checks.append(
         Invariant(
             "no child process left",
