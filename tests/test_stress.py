@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -745,3 +746,32 @@ def test_stream_report_json_keys_carry_units() -> None:
     assert "loan_wait_us" in data
     sub = data["subscribers"][0]
     assert {"p50_us", "p99_us", "max_us"} <= set(sub["latency_us"])
+
+
+class StallingWrites(MemfdExporter):
+    """An exporter whose fifth CPU write never starts (the first time asked)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def begin_cpu_access(self, buf: DmaBuf, mode: CpuMode) -> Awaitable[None] | None:
+        if "w" not in mode:
+            return None
+        self.writes += 1
+        return anyio.sleep_forever() if self.writes == 5 else None
+
+
+async def test_stream_watchdog_says_what_the_publisher_waits_for() -> None:
+    # Real processes cannot run on a mock clock: the watchdog's period is real
+    # time, but the stall is forever, so the outcome does not depend on speed.
+    config = StreamConfig(**{**_fields(STREAM), "watchdog": 0.2})
+    report = await run_stream(config, exporter=StallingWrites())
+    assert report.hung
+    assert report.frames_sent == 5  # the stalled frame was still filled, after
+    text = "\n".join(report.hang_report)
+    assert "nothing moved for" in text
+    assert "filling frame 4 (the exporter's cpu_access)" in text
+    assert "subscriber pid" in text
+    broken = {inv.name for inv in report.invariants if not inv.ok}
+    assert broken == {"no hang"}

@@ -55,6 +55,8 @@ __all__ = ["run_stream"]
 READY_SECONDS = 60.0
 #: Seconds the subscribers have, once the stream ends, to report and exit.
 END_SECONDS = 30.0
+#: Seconds a cancelled run has to fill the frame it was sending.
+CLEANUP_SECONDS = 30.0
 #: Seconds an interrupted run waits for its buffers to come back.
 DRAIN_SECONDS = 5.0
 
@@ -435,19 +437,32 @@ async def _publish(run: StreamRun) -> None:
         if run.kill_at is not None and frame.buffer.name:
             run.reused.add(frame.buffer.name)
         fence = Fence()
+        filled = False
         try:
             run.waiting = "send() waits for a blocking subscriber's queue"
             called = clock()
             await pub.send(frame, fence=fence)
             run.send_time.append(clock() - called)
+            run.waiting = f"filling frame {run.sent} (the exporter's cpu_access)"
+            await _fill(frame.buffer, run.sent)
+            filled = True
+            run.sent += 1
         finally:
-            with anyio.CancelScope(shield=True):
-                if frame.released:  # sent, to some subscribers at least
-                    await _fill(frame.buffer, run.sent)
-                    run.sent += 1
-                else:
-                    frame.release()
-                fence.signal()
+            # Cancelled (a stop, the watchdog): a frame that went out is still
+            # filled, so that whoever has it reads what it must; bounded.
+            if not filled:
+                with anyio.move_on_after(CLEANUP_SECONDS, shield=True) as scope:
+                    if frame.released:  # sent, to some subscribers at least
+                        await _fill(frame.buffer, run.sent)
+                        run.sent += 1
+                    else:
+                        frame.release()
+                if scope.cancelled_caught:
+                    run.errors.append(
+                        f"frame {run.sent} could not be filled in "
+                        f"{CLEANUP_SECONDS:g} s: its subscribers read it unfilled"
+                    )
+            fence.signal()
         run.progressed()
 
 
@@ -635,11 +650,13 @@ def _judge(
     checks.append(
         Invariant(
             "every buffer back",
-            run.drained or run.interrupted,
+            run.drained or run.interrupted or run.hung,
             f"all {config.buffers} buffers loaned back at the end"
             if run.drained
             else (
-                "not checked: interrupted before they came back"
+                "not checked: the run hung"
+                if run.hung
+                else "not checked: interrupted before they came back"
                 if run.interrupted
                 else "they did not all come back"
             ),
