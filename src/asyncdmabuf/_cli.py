@@ -1098,17 +1098,21 @@ def _stream_command(args: argparse.Namespace, console: Console) -> int:
     amount = f"{config.frames:,} frames" if config.frames else f"{config.duration:g} s"
     console.print(
         f"[bold]asyncdmabuf stress --stream[/]: {config.subscribers} subscriber "
-        f"processes ({modes}), queue {config.queue}, {config.buffers} buffers of "
-        f"{config.shape} ({_bytes(config.buffer_size)}), exporter {config.exporter},",
+        f"processes ({modes}),",
+        highlight=False,
+    )
+    console.print(
+        f"queue {config.queue}, {config.buffers} buffers of {config.shape} "
+        f"({_bytes(config.buffer_size)}), exporter {config.exporter}, {amount},",
         highlight=False,
     )
     kill = (
-        f", subscriber 0 SIGKILLed holding frames after {config.kill_after:,}"
+        f"; subscriber 0 SIGKILLed holding frames after {config.kill_after:,}"
         if config.kill_after is not None
         else ""
     )
     console.print(
-        f"{amount}, fences both ways, every byte of every frame compared{kill}",
+        f"fences both ways, every byte of every frame compared{kill}",
         highlight=False,
     )
 
@@ -1122,7 +1126,8 @@ def _stream_command(args: argparse.Namespace, console: Console) -> int:
         if not args.quiet:
             console.print(_stream_figures(outcome.reports))
             console.print(_subscriber_table(outcome.reports))
-            for note in _STREAM_FOOTNOTES:
+            killed = any(r.config.kill_after is not None for r in outcome.reports)
+            for note in _STREAM_FOOTNOTES[: 2 if killed else 1]:
                 console.print(note, highlight=False, style="dim")
             console.print(_invariants(outcome.reports))
         _print_findings(console, outcome.reports, quiet=args.quiet)

@@ -14,6 +14,7 @@ shows as well. :mod:`.stream_run` runs it; this module holds the records.
 from __future__ import annotations
 
 import math
+import os
 import struct
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
@@ -26,6 +27,7 @@ from .report import Invariant, LatencySummary
 
 __all__ = [
     "DEFAULT_LAYOUT",
+    "MAX_LINE",
     "MAX_SUBSCRIBERS",
     "OVERFLOW_MODES",
     "Overflow",
@@ -33,6 +35,8 @@ __all__ = [
     "StreamProgress",
     "StreamReport",
     "SubscriberReport",
+    "fd_table",
+    "fds_left",
     "fill_pattern",
     "first_difference",
     "frame_bytes",
@@ -49,6 +53,9 @@ DEFAULT_LAYOUT = FrameLayout.for_format("XR24", 640, 480)
 
 #: The most subscriber processes a run starts.
 MAX_SUBSCRIBERS = 256
+
+#: The longest control line a run reads from a subscriber (its report).
+MAX_LINE = 1 << 20
 
 #: One tile of a frame's pattern: ``seq + 1`` and a seq-scrambled word.
 TILE = struct.Struct("<QQ")
@@ -93,6 +100,24 @@ def first_difference(data: bytes, expected: bytes) -> int:
         at += step
     return next(
         i for i in range(at, min(len(data), len(expected))) if data[i] != expected[i]
+    )
+
+
+def fd_table() -> dict[str, str]:
+    """Every open fd of this process and what it is (``fd -> target``)."""
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            found[name] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+    return found
+
+
+def fds_left(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    """The fds open in ``after`` that were not (as the same thing) in ``before``."""
+    return sorted(
+        f"{fd} -> {target}" for fd, target in after.items() if before.get(fd) != target
     )
 
 

@@ -13,7 +13,6 @@ and the stress run ends the stream for it.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import sys
@@ -30,30 +29,16 @@ from .._buffer import live_buffers
 from .._fence import Fence
 from .._stream import Frame, subscribe
 from .report import LatencySummary
-from .stream import TILE, fill_pattern, first_difference, frame_tile
+from .stream import (
+    TILE,
+    fd_table,
+    fds_left,
+    fill_pattern,
+    first_difference,
+    frame_tile,
+)
 
-__all__ = ["fd_table", "main"]
-
-#: The longest control line the run reads (a ``done`` report).
-MAX_LINE = 1 << 20
-
-
-def fd_table() -> dict[str, str]:
-    """Every open fd of this process and what it is (``fd -> target``)."""
-    found = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            found[name] = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue
-    return found
-
-
-def fds_left(before: dict[str, str], after: dict[str, str]) -> list[str]:
-    """The fds open in ``after`` that were not (as the same thing) in ``before``."""
-    return sorted(
-        f"{fd} -> {target}" for fd, target in after.items() if before.get(fd) != target
-    )
+__all__ = ["main"]
 
 
 class Seen:

@@ -37,14 +37,16 @@ from .._stream import Frame, Publisher
 from .config import make_exporter
 from .report import Invariant, LatencySummary
 from .stream import (
+    MAX_LINE,
     StreamConfig,
     StreamProgress,
     StreamReport,
     SubscriberReport,
+    fd_table,
+    fds_left,
     fill_pattern,
     overflow_of,
 )
-from .stream_child import MAX_LINE, fd_table, fds_left
 
 if TYPE_CHECKING:
     from .._stream._publisher import Allocator
