@@ -26,6 +26,7 @@ import anyio.lowlevel
 
 from .._backends import BACKENDS
 from .._buffer import live_buffers
+from .._errors import DmaBufError
 from .._fence import Fence
 from .._stream import Frame, subscribe
 from .report import LatencySummary
@@ -193,25 +194,32 @@ async def say(control: anyio.abc.SocketStream, **facts: Any) -> None:
     await control.send(json.dumps(facts).encode() + b"\n")
 
 
-async def run(fd: int, spec: dict[str, Any]) -> None:
+async def run(fd: int, spec: dict[str, Any]) -> bool:
+    """Subscribe and check to the end; False (said to the run) when it failed."""
     sock = socket.socket(fileno=fd)
     async with await anyio.abc.UNIXSocketStream.from_socket(sock) as control:
         before = fd_table()
         try:
             await subscriber(control, spec, before)
-        except Exception as exc:  # reported, then the exit status says it
+        except DmaBufError as exc:  # a finding: reported, not a traceback
+            await say(control, failed=f"{type(exc).__name__}: {exc}")
+            return False
+        except Exception as exc:  # a bug: reported, and the traceback shown
             await say(control, failed=f"{type(exc).__name__}: {exc}")
             raise
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one subscriber; 0 when it ran to the end of the stream."""
+    """Run one subscriber; 0 when it ran to the end of the stream, 1 if not."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     fd_text, spec_text = (sys.argv[1:] if argv is None else argv)[:2]
     spec = json.loads(spec_text)
     backend, options = BACKENDS[spec["backend"]]
-    anyio.run(run, int(fd_text), spec, backend=backend, backend_options=options)
-    return 0
+    ok: bool = anyio.run(
+        run, int(fd_text), spec, backend=backend, backend_options=options
+    )
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
