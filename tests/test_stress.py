@@ -46,6 +46,8 @@ from asyncdmabuf._stress.stream import (
     StreamConfig,
     StreamProgress,
     StreamReport,
+    fd_table,
+    fds_left,
     fill_pattern,
     first_difference,
     frame_bytes,
@@ -787,3 +789,18 @@ async def test_stream_on_a_lazily_backed_exporter() -> None:
     config = StreamConfig(**{**_fields(STREAM), "exporter": "simdev", "frames": 20})
     report = await run_stream(config)
     assert report.ok, stream_failed(report)
+
+
+def test_fds_left_names_new_and_reused_fds() -> None:
+    before = fd_table()
+    r, w = os.pipe()
+    try:
+        left = fds_left(before, fd_table())
+    finally:
+        os.close(r)
+        os.close(w)
+    assert len(left) == 2
+    assert all("pipe:" in entry for entry in left)
+    assert fds_left(before, before) == []
+    moved = {**before, "0": "/somewhere/else"}
+    assert fds_left(before, moved) == ["0 -> /somewhere/else"]
