@@ -180,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Many tasks attach, map (blocking, try_map, mixed) and unmap shared "
             "buffers, with cancellations and faults injected; then a report and "
-            "an invariant check. Exit status 0 if every invariant held, 1 if "
+            "an invariant check. With --stream, this process publishes a stream "
+            "of frames to subscriber processes, which check every byte of every "
+            "frame. Exit status 0 if every invariant held, 1 if "
             "one did not, 2 for bad usage, 130 when interrupted."
         ),
     )
