@@ -304,3 +304,152 @@ def test_the_default_report_fits_80_columns() -> None:
     text = done.stdout
     for figure in ("of them Busy", "served, %", "lock wait", "exporter", "scheduler"):
         assert figure in text
+
+
+# -- stress --stream ---------------------------------------------------------------
+
+STREAM = ["--stream", "--subscribers", "2", "--buffers", "3", "--layout", "XR24:64x48"]
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "uvloop", "trio"])
+def test_stream_mode_end_to_end(backend: str, tmp_path: Path) -> None:
+    out = tmp_path / "stream.json"
+    done = run_cli(
+        "stress", *STREAM, "--frames", "40", "--backend", backend, "--json", str(out)
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = done.stdout
+    assert "every invariant held" in text
+    for figure in ("the publisher", "subscribers:", "drop-oldest", "p99", "no fd left"):
+        assert figure in text, figure
+    data = json.loads(out.read_text())
+    (run,) = data["runs"]
+    assert run["mode"] == "stream"
+    assert run["backend"] == backend
+    assert run["ok"]
+    assert run["frames_sent"] == 40
+    assert [s["exit_status"] for s in run["subscribers"]] == [0, 0]
+
+
+def test_stream_kill_fault_on_the_command_line() -> None:
+    done = run_cli(
+        "stress", *STREAM, "--frames", "60", "--kill-subscriber", "10",
+        "--backend", "trio", "--quiet",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "every invariant held" in done.stdout
+
+
+def test_stream_corruption_exits_1(exporter_module: dict[str, str]) -> None:
+    (Path(exporter_module["PYTHONPATH"]) / "oddstream.py").write_text(
+        textwrap.dedent(
+            """
+            from asyncdmabuf.exporters import MemfdExporter
+
+
+            class CorruptingWrites(MemfdExporter):
+                def end_cpu_access(self, buf, mode):
+                    if "w" in mode:
+                        with self.vmap(buf) as view:
+                            view[0] ^= 0xFF
+            """
+        )
+    )
+    done = run_cli(
+        "stress", *STREAM, "--frames", "10", "--backend", "asyncio",
+        "--exporter", "oddstream:CorruptingWrites", env=exporter_module,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "FAILED: an invariant did not hold" in done.stdout
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--tasks", "3"], ["--tasks is not an option of --stream"]),
+        (["--ops", "3"], ["--ops is not an option of --stream"]),
+        (["--map-mode", "try"], ["--map-mode is not an option of --stream"]),
+        (["--no-verify"], ["--no-verify is not an option of --stream"]),
+        (["--plot", "/tmp/x.png"], ["--plot is not an option of --stream"]),
+        (["--layout", "XR24:10"], ["--layout", "FOURCC:WIDTHxHEIGHT"]),
+        (["--layout", "ZZZZ:8x8"], ["--layout", "unknown pixel format"]),
+        (["--layout", "XR24:8x8", "--buffer-size", "4K"], ["give one"]),
+        (["--frames", "5", "--kill-subscriber", "5"], ["--kill-subscriber 5"]),
+        (["--kill-subscriber", "-1"], ["--kill-subscriber", "must be >= 0"]),
+        (["--subscribers", "0"], ["--subscribers", "must be positive"]),
+        (["--buffers", "300"], ["--buffers must be <= 256"]),
+        (["--queue", "5000"], ["--queue must be <= 1024"]),
+        (["--overflow", "sometimes"], ["--overflow", "invalid choice"]),
+        (["--frames", "5", "--duration", "1"], ["not allowed with"]),
+        (["--memory", "64K"], ["--memory", "'memfd' does not"]),
+        (["--json", "/nonexistent/x.json"], ["--json", "no directory"]),
+        (["--buffers", "200", "--buffer-size", "1G"], ["--buffers 200", "need"]),
+    ],
+)
+def test_stream_bad_arguments_are_refused_before_any_work(
+    args: list[str], words: list[str]
+) -> None:
+    assert_usage_error(run_cli("stress", "--stream", *args), *words)
+
+
+@pytest.mark.parametrize(
+    "flag", [["--subscribers", "2"], ["--frames", "9"], ["--kill-subscriber", "1"]]
+)
+def test_stream_options_need_stream(flag: list[str]) -> None:
+    assert_usage_error(run_cli("stress", *flag), f"{flag[0]} is an option of --stream")
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "uvloop", "trio"])
+@pytest.mark.parametrize(
+    "how", ["INT", "TERM", "INT-to-the-group"], ids=["INT", "TERM", "ctrl-c"]
+)
+def test_a_signal_ends_a_stream_run_cleanly(
+    backend: str, how: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "run.json"
+    child = subprocess.Popen(
+        [
+            sys.executable, "-m", "asyncdmabuf", "stress", *STREAM,
+            "--duration", "60", "--backend", backend, "--json", str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own group, as a shell gives a job
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None
+        seen = []
+        for line in child.stdout:
+            seen.append(line)
+            if " frames in " in line and not line.split(":")[1].startswith(" 0 "):
+                break
+        if how == "INT-to-the-group":  # Ctrl-C: every process of the job
+            os.killpg(child.pid, signal.SIGINT)
+        else:
+            child.send_signal(signal.SIGINT if how == "INT" else signal.SIGTERM)
+        stdout, stderr = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.communicate()
+    text = "".join(seen) + stdout
+    assert child.returncode == 130, text + stderr
+    assert "Traceback" not in stderr
+    data = json.loads(out.read_text())
+    assert data["interrupted"] is True
+    (run,) = data["runs"]
+    assert run["interrupted"] is True
+    assert run["ok"] is True, run["invariants"]
+    assert [s["exit_status"] for s in run["subscribers"]] == [0, 0]
+
+
+def test_the_stream_report_fits_80_columns() -> None:
+    done = run_cli(
+        "stress", *STREAM, "--frames", "30", "--kill-subscriber", "5",
+        env={"COLUMNS": "80"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    too_long = [line for line in done.stdout.splitlines() if len(line.rstrip()) > 80]
+    assert not too_long, too_long

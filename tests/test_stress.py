@@ -9,26 +9,51 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from trio.testing import MockClock
 
-from asyncdmabuf import Attachment, Direction, InjectedFault, InvalidArgument, SgTable
+from asyncdmabuf import (
+    Attachment,
+    CpuMode,
+    Direction,
+    DmaBuf,
+    FrameLayout,
+    InjectedFault,
+    InvalidArgument,
+    SgTable,
+)
 from asyncdmabuf import _cli as cli
 from asyncdmabuf.__main__ import main
 from asyncdmabuf._bench import find_benchmarks
 from asyncdmabuf._stress import (
+    Invariant,
     LatencySummary,
     StressConfig,
     StressReport,
     percentile,
     run_stress,
 )
+from asyncdmabuf._stress.stream import (
+    StreamConfig,
+    StreamProgress,
+    StreamReport,
+    fd_table,
+    fds_left,
+    fill_pattern,
+    first_difference,
+    frame_bytes,
+    frame_tile,
+)
+from asyncdmabuf._stress.stream_run import run_stream
 from asyncdmabuf.exporters import MemfdExporter
 
 pytestmark = pytest.mark.anyio
@@ -196,7 +221,7 @@ async def test_duration_bound_run_and_monitor() -> None:
     assert seen[0] == 0
 
 
-def _fields(config: StressConfig) -> dict[str, Any]:
+def _fields(config: StressConfig | StreamConfig) -> dict[str, Any]:
     return {name: getattr(config, name) for name in config.__dataclass_fields__}
 
 
@@ -556,3 +581,226 @@ def anyio_run(func: Any, config: StressConfig, exporter: Any) -> StressReport:
         return report
 
     return anyio.run(go)
+
+
+# -- stress --stream: real subscriber processes ---------------------------------------
+
+SMALL_FRAMES = FrameLayout.for_format("XR24", 64, 48)  # 12 KiB
+STREAM = StreamConfig(subscribers=2, buffers=3, layout=SMALL_FRAMES, frames=60)
+
+
+def stream_failed(report: StreamReport) -> list[str]:
+    return [f"{inv.name}: {inv.detail}" for inv in report.invariants if not inv.ok]
+
+
+def held(report: StreamReport, name: str) -> Invariant:
+    (found,) = [inv for inv in report.invariants if inv.name == name]
+    return found
+
+
+async def test_stream_every_frame_checked_by_every_subscriber() -> None:
+    report = await run_stream(STREAM)
+    assert report.ok, stream_failed(report)
+    assert report.frames_sent == 60
+    block, dropping = report.subscribers
+    assert (block.overflow, dropping.overflow) == ("block", "drop-oldest")
+    assert block.received == 60
+    assert block.gaps == 0
+    assert dropping.received + dropping.gaps == 60
+    assert dropping.gaps == dropping.dropped == report.frames_dropped
+    for sub in report.subscribers:
+        assert sub.verified == sub.late_checks == sub.received
+        assert sub.bytes_verified == sub.received * SMALL_FRAMES.size
+        assert sub.mismatches == sub.late_mismatches == sub.out_of_order == 0
+        assert sub.latency.count == sub.received
+        assert sub.latency.p50 <= sub.latency.p99 <= sub.latency.max
+        assert sub.exit_status == 0
+        assert not sub.killed
+        assert sub.fds_left == ()
+        assert sub.buffers_left == 0
+        assert sub.pid != os.getpid()
+    assert report.loan_wait.count == report.send_time.count == 60
+    for name in ("no fd left", "no buffer left", "no child process left"):
+        assert held(report, name).ok
+
+
+async def test_stream_of_plain_bytes_with_an_odd_size_and_one_overflow() -> None:
+    config = StreamConfig(
+        subscribers=1, buffers=2, layout=None, frame_size=4099, frames=30,
+        overflow="drop-oldest", queue=1,
+    )  # fmt: skip
+    report = await run_stream(config)
+    assert report.ok, stream_failed(report)
+    (sub,) = report.subscribers
+    assert sub.overflow == "drop-oldest"
+    assert sub.bytes_verified == sub.received * 4099
+
+
+async def test_stream_a_subscriber_killed_holding_frames_gives_them_back() -> None:
+    config = StreamConfig(
+        subscribers=2, buffers=3, layout=SMALL_FRAMES, frames=80, kill_after=10,
+        overflow="block",
+    )  # fmt: skip
+    report = await run_stream(config)
+    assert report.ok, stream_failed(report)
+    victim, other = report.subscribers
+    assert victim.killed
+    assert victim.exit_status == -signal.SIGKILL
+    assert victim.received >= 10 + 2  # it held buffers - 1 frames when killed
+    assert len(victim.held_at_kill) >= 2
+    assert set(victim.held_at_kill) <= set(report.reused_after_kill)
+    assert report.sent_after_kill > 0  # the publisher went on
+    assert other.received == 80
+    assert other.exit_status == 0
+    kill = held(report, "a killed subscriber's frames come back")
+    assert kill.ok
+    assert "every one loaned again" in kill.detail
+
+
+class CorruptingWrites(MemfdExporter):
+    """A broken exporter: every CPU write's end flips the buffer's last byte."""
+
+    def end_cpu_access(self, buf: DmaBuf, mode: CpuMode) -> None:
+        if "w" in mode:
+            with self.vmap(buf) as view:
+                view[-1] ^= 0xFF
+
+
+async def test_stream_corrupted_bytes_fail_the_run() -> None:
+    report = await run_stream(
+        StreamConfig(subscribers=1, buffers=2, layout=SMALL_FRAMES, frames=10),
+        exporter=CorruptingWrites(),
+    )
+    assert not report.ok
+    check = held(report, "every frame's bytes intact")
+    assert not check.ok
+    assert f"byte {SMALL_FRAMES.size - 1} is" in check.detail
+    assert report.subscribers[0].mismatches == 10
+
+
+async def test_stream_stopped_early_is_judged_and_leaves_nothing() -> None:
+    stop = anyio.Event()
+    seen: list[int] = []
+
+    def monitor(progress: StreamProgress) -> None:
+        seen.append(progress.frames_sent)
+        if progress.frames_sent >= 5:
+            stop.set()
+
+    config = StreamConfig(**{**_fields(STREAM), "frames": None, "duration": 600.0})
+    report = await run_stream(
+        config, monitor=monitor, monitor_interval=0.001, stop=stop
+    )
+    assert report.interrupted
+    assert report.ok, stream_failed(report)
+    assert 5 <= report.frames_sent < 100_000
+    assert seen[0] == 0
+    for sub in report.subscribers:
+        assert sub.exit_status == 0
+
+
+def test_the_pattern_is_seq_derived_and_filled_in_place() -> None:
+    for size in (1, 15, 16, 17, 4096 + 3):
+        for seq in (0, 1, 250, 2**40):
+            target = bytearray(size)
+            fill_pattern(target, seq)
+            assert bytes(target) == frame_bytes(seq, size)
+    assert frame_bytes(0, 64) != frame_bytes(1, 64)
+    assert frame_tile(7) != frame_tile(8)
+    good = frame_bytes(3, 1 << 17)
+    bad = bytearray(good)
+    bad[100_000] ^= 1
+    assert first_difference(bytes(bad), good) == 100_000
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        ({"subscribers": 0}, InvalidArgument),
+        ({"buffers": 257}, InvalidArgument),
+        ({"queue": 0}, InvalidArgument),
+        ({"layout": None, "frame_size": 0}, InvalidArgument),
+        ({"layout": "XR24"}, TypeError),
+        ({"frames": None, "duration": None}, InvalidArgument),
+        ({"frames": None, "duration": float("inf")}, InvalidArgument),
+        ({"overflow": "sometimes"}, InvalidArgument),
+        ({"kill_after": 60}, InvalidArgument),
+        ({"kill_after": -1}, InvalidArgument),
+        ({"watchdog": float("inf")}, InvalidArgument),
+        ({"subscribers": True}, TypeError),
+    ],
+)
+def test_stream_config_rejects_bad_values(
+    bad: dict[str, Any], error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        StreamConfig(**{**_fields(STREAM), **bad})
+
+
+def test_stream_report_json_keys_carry_units() -> None:
+    report = anyio.run(run_stream, STREAM)
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["mode"] == "stream"
+    assert data["ok"] is True
+    assert data["config"]["layout"] == "XR24 64x48"
+    assert data["config"]["buffer_size_bytes"] == SMALL_FRAMES.size
+    assert "elapsed_s" in data
+    assert "loan_wait_us" in data
+    sub = data["subscribers"][0]
+    assert {"p50_us", "p99_us", "max_us"} <= set(sub["latency_us"])
+
+
+class StallingWrites(MemfdExporter):
+    """An exporter whose fifth CPU write never starts (the first time asked)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def begin_cpu_access(self, buf: DmaBuf, mode: CpuMode) -> Awaitable[None] | None:
+        if "w" not in mode:
+            return None
+        self.writes += 1
+        return anyio.sleep_forever() if self.writes == 5 else None
+
+
+async def test_stream_watchdog_says_what_the_publisher_waits_for() -> None:
+    # Real processes cannot run on a mock clock: the watchdog's period is real
+    # time, but the stall is forever, so the outcome does not depend on speed.
+    config = StreamConfig(**{**_fields(STREAM), "watchdog": 0.2})
+    report = await run_stream(config, exporter=StallingWrites())
+    assert report.hung
+    assert report.frames_sent == 5  # the stalled frame was still filled, after
+    text = "\n".join(report.hang_report)
+    assert "nothing moved for" in text
+    assert "filling frame 4 (the exporter's cpu_access)" in text
+    assert "subscriber pid" in text
+    broken = {inv.name for inv in report.invariants if not inv.ok}
+    assert broken == {"no hang"}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a lazily backed exporter's buffer (simdev's) is sent as an empty "
+    "memfd when a frame goes out before its first write (an acquire fence): "
+    "the subscriber refuses 'a buffer fd of 0 bytes' (the stream's to fix)",
+)
+async def test_stream_on_a_lazily_backed_exporter() -> None:
+    config = StreamConfig(**{**_fields(STREAM), "exporter": "simdev", "frames": 20})
+    report = await run_stream(config)
+    assert report.ok, stream_failed(report)
+
+
+def test_fds_left_names_new_and_reused_fds() -> None:
+    before = fd_table()
+    r, w = os.pipe()
+    try:
+        left = fds_left(before, fd_table())
+    finally:
+        os.close(r)
+        os.close(w)
+    assert len(left) == 2
+    assert all("pipe:" in entry for entry in left)
+    assert fds_left(before, before) == []
+    moved = {**before, "0": "/somewhere/else"}
+    assert fds_left(before, moved) == ["0 -> /somewhere/else"]

@@ -43,6 +43,7 @@ from rich.table import Table
 from . import _bufinfo_cli
 from ._backends import BACKENDS
 from ._errors import DmaBufError
+from ._layout import FrameLayout
 from ._stress import (
     MAP_MODES,
     StressConfig,
@@ -51,7 +52,16 @@ from ._stress import (
     run_stress,
 )
 from ._stress.config import CLEAN_OPS, exporter_options, load_exporter
-from ._stress.limits import check_fits
+from ._stress.limits import check_fits, check_stream_fits
+from ._stress.report import LatencySummary
+from ._stress.stream import (
+    OVERFLOW_MODES,
+    StreamConfig,
+    StreamProgress,
+    StreamReport,
+    overflow_of,
+)
+from ._stress.stream_run import run_stream
 from ._stress.workload import MAX_TRY_ROUNDS
 
 __all__ = ["BACKENDS", "main", "parse_size"]
@@ -124,6 +134,29 @@ def _count(text: str) -> int:
     return value
 
 
+def _whole(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
+    return value
+
+
+def _layout(text: str) -> FrameLayout:
+    """Parse ``XR24:1920x1080`` into a layout (``FOURCC:WIDTHxHEIGHT``)."""
+    match = re.fullmatch(r"\s*(\w{1,4})\s*:\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"not FOURCC:WIDTHxHEIGHT (e.g. XR24:1920x1080): {text!r}"
+        )
+    try:
+        return FrameLayout.for_format(match[1], int(match[2]), int(match[3]))
+    except (TypeError, DmaBufError) as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
 def _version() -> str:
     from . import __version__
 
@@ -147,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Many tasks attach, map (blocking, try_map, mixed) and unmap shared "
             "buffers, with cancellations and faults injected; then a report and "
-            "an invariant check. Exit status 0 if every invariant held, 1 if "
+            "an invariant check. With --stream, this process publishes a stream "
+            "of frames to subscriber processes, which check every byte of every "
+            "frame. Exit status 0 if every invariant held, 1 if "
             "one did not, 2 for bad usage, 130 when interrupted."
         ),
     )
@@ -164,15 +199,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="exporter entry-point name (memfd, simdev, a third-party one) or "
         "module:Class (default: %(default)s)",
     )
-    run.add_argument("--tasks", type=_count, default=defaults.tasks)
-    run.add_argument("--buffers", type=_count, default=defaults.buffers)
-    run.add_argument("--devices", type=_count, default=defaults.devices)
+    run.add_argument(
+        "--tasks", type=_count, default=None, help=f"(default: {defaults.tasks})"
+    )
+    run.add_argument(
+        "--buffers",
+        type=_count,
+        default=None,
+        help=f"(default: {defaults.buffers}; with --stream, the stream's pool: "
+        f"{StreamConfig().buffers})",
+    )
+    run.add_argument(
+        "--devices", type=_count, default=None, help=f"(default: {defaults.devices})"
+    )
     run.add_argument(
         "--buffer-size",
         type=parse_size,
-        default=defaults.buffer_size,
+        default=None,
         metavar="SIZE",
-        help="bytes per buffer, e.g. 4096, 64K, 1M (default: 64K)",
+        help="bytes per buffer, e.g. 4096, 64K, 1M (default: 64K); with "
+        "--stream, frames of plain bytes of this size instead of --layout",
     )
     amount = run.add_mutually_exclusive_group()
     amount.add_argument(
@@ -188,34 +234,40 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="run this long",
     )
+    amount.add_argument(
+        "--frames",
+        type=_count,
+        default=None,
+        help=f"with --stream: frames to send (default: {StreamConfig().frames})",
+    )
     run.add_argument(
         "--map-mode",
         choices=MAP_MODES,
-        default=defaults.map_mode,
+        default=None,
         help="block: await map(); try: try_map() with back-off; mixed: either, "
-        "per operation (default: %(default)s)",
+        f"per operation (default: {defaults.map_mode})",
     )
     run.add_argument(
         "--map-hold",
         type=_seconds,
-        default=defaults.map_hold,
+        default=None,
         metavar="SECONDS",
         help="time every blocking map spends in the exporter with the buffer's "
         "lock held, as a device's map does; 0: the exporter as it is "
-        "(default: %(default)s)",
+        f"(default: {defaults.map_hold})",
     )
     run.add_argument(
         "--maps-per-op",
         type=_count,
-        default=defaults.maps_per_op,
-        help="buffers each operation maps at once (default: %(default)s)",
+        default=None,
+        help=f"buffers each operation maps at once (default: {defaults.maps_per_op})",
     )
     run.add_argument(
         "--cancel-rate",
         type=_rate,
-        default=defaults.cancel_rate,
+        default=None,
         help="chance a blocking map is cancelled at a random point "
-        "(default: %(default)s)",
+        f"(default: {defaults.cancel_rate})",
     )
     run.add_argument("--seed", type=int, default=defaults.seed)
     run.add_argument(
@@ -224,20 +276,67 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.watchdog,
         metavar="SECONDS",
         help="report who waits for what and fail if no operation completes "
-        "for this long; 0 turns it off (default: %(default)s)",
+        "(with --stream: no frame is sent) for this long; 0 turns it off "
+        "(default: %(default)s)",
     )
     run.add_argument(
         "--backoff",
         type=_seconds,
-        default=defaults.backoff,
+        default=None,
         metavar="SECONDS",
-        help="first back-off after Busy in try mode (default: %(default)s)",
+        help=f"first back-off after Busy in try mode (default: {defaults.backoff})",
     )
     run.add_argument(
         "--no-verify",
         dest="verify",
-        action="store_false",
+        action="store_const",
+        const=False,
+        default=None,
         help="do not write and check bytes in every operation",
+    )
+    streams = stress.add_argument_group(
+        "stream mode: one publisher, subscriber processes, every frame checked"
+    )
+    stream_defaults = StreamConfig()
+    streams.add_argument(
+        "--stream",
+        action="store_true",
+        help="stream frames to subscriber processes instead (see docs/stress.md)",
+    )
+    streams.add_argument(
+        "--subscribers",
+        type=_count,
+        default=None,
+        help=f"subscriber processes (default: {stream_defaults.subscribers})",
+    )
+    streams.add_argument(
+        "--layout",
+        type=_layout,
+        default=None,
+        metavar="FOURCC:WxH",
+        help="the frames' format and size, e.g. XR24:1920x1080, NV12:640x480 "
+        f"(default: {stream_defaults.shape.replace(' ', ':')})",
+    )
+    streams.add_argument(
+        "--overflow",
+        choices=OVERFLOW_MODES,
+        default=None,
+        help="each subscriber's overflow; mixed: block and drop-oldest in turn "
+        f"(default: {stream_defaults.overflow})",
+    )
+    streams.add_argument(
+        "--queue",
+        type=_count,
+        default=None,
+        help=f"each subscriber's queue (default: {stream_defaults.queue})",
+    )
+    streams.add_argument(
+        "--kill-subscriber",
+        type=_whole,
+        default=None,
+        metavar="FRAMES",
+        help="fault: subscriber 0 holds every frame after this many, and is "
+        "SIGKILLed holding them; the publisher must go on and get them back",
     )
     sim = stress.add_argument_group(
         "device options (simdev, or any exporter whose constructor takes them; "
@@ -342,13 +441,41 @@ def _sigterm_interrupts() -> Iterator[None]:
 # -- stress: checking the command line ----------------------------------------------
 
 
-def _config(args: argparse.Namespace) -> StressConfig:
-    """Build the run's configuration, checking every option against the exporter.
+#: Options of the stress workload that mean nothing to --stream, and the
+#: other way round: (flag, attribute).
+_WORKLOAD_ONLY = (
+    ("--tasks", "tasks"),
+    ("--devices", "devices"),
+    ("--ops", "ops"),
+    ("--map-mode", "map_mode"),
+    ("--map-hold", "map_hold"),
+    ("--maps-per-op", "maps_per_op"),
+    ("--cancel-rate", "cancel_rate"),
+    ("--backoff", "backoff"),
+    ("--no-verify", "verify"),
+    ("--fault-rate", "fault_rate"),
+    ("--plot", "plot"),
+)
+_STREAM_ONLY = (
+    ("--subscribers", "subscribers"),
+    ("--frames", "frames"),
+    ("--layout", "layout"),
+    ("--overflow", "overflow"),
+    ("--queue", "queue"),
+    ("--kill-subscriber", "kill_subscriber"),
+)
+
+
+def _given(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _check_exporter_options(args: argparse.Namespace) -> None:
+    """Refuse an exporter option the exporter's constructor does not take.
 
     Raises:
-        UsageError: An option is out of range, the exporter cannot be found,
-            does not take an option that was given, or the machine cannot
-            hold the run.
+        UsageError: The exporter cannot be found, or does not take an option
+            that was given.
     """
     try:
         cls = load_exporter(args.exporter)
@@ -372,35 +499,109 @@ def _config(args: argparse.Namespace) -> StressConfig:
             f"--fault-rate is for exporters that inject faults (a fault_ops "
             f"tuple and a faults= argument); {args.exporter!r} does not"
         )
+
+
+def _config(args: argparse.Namespace) -> StressConfig:
+    """Build the run's configuration, checking every option against the exporter.
+
+    Raises:
+        UsageError: An option is out of range, the exporter cannot be found,
+            does not take an option that was given, or the machine cannot
+            hold the run.
+    """
+    for flag, key in _STREAM_ONLY:
+        if getattr(args, key) is not None:
+            raise UsageError(f"{flag} is an option of --stream")
+    _check_exporter_options(args)
+    defaults = StressConfig()
     ops = args.ops
     if ops is None and args.duration is None:
-        ops = StressConfig().ops
+        ops = defaults.ops
     try:
         config = StressConfig(
             exporter=args.exporter,
-            tasks=args.tasks,
-            buffers=args.buffers,
-            devices=args.devices,
-            buffer_size=args.buffer_size,
+            tasks=_given(args.tasks, defaults.tasks),
+            buffers=_given(args.buffers, defaults.buffers),
+            devices=_given(args.devices, defaults.devices),
+            buffer_size=_given(args.buffer_size, defaults.buffer_size),
             ops=ops,
             duration=args.duration,
-            map_mode=args.map_mode,
-            maps_per_op=args.maps_per_op,
-            cancel_rate=args.cancel_rate,
+            map_mode=_given(args.map_mode, defaults.map_mode),
+            maps_per_op=_given(args.maps_per_op, defaults.maps_per_op),
+            cancel_rate=_given(args.cancel_rate, defaults.cancel_rate),
             fault_rate=args.fault_rate or 0.0,
             seed=args.seed,
             watchdog=args.watchdog,
-            verify=args.verify,
-            backoff=args.backoff,
+            verify=_given(args.verify, defaults.verify),
+            backoff=_given(args.backoff, defaults.backoff),
             memory=args.memory,
             alloc_latency=args.alloc_latency or 0.0,
             map_latency=args.map_latency or 0.0,
-            map_hold=args.map_hold,
+            map_hold=_given(args.map_hold, defaults.map_hold),
         )
         check_fits(config)
     except (TypeError, ValueError, DmaBufError) as exc:
         raise UsageError(str(exc)) from None
     return config
+
+
+def _stream_config(args: argparse.Namespace) -> StreamConfig:
+    """Build a ``--stream`` run's configuration, checking every option.
+
+    Raises:
+        UsageError: An option of the stress workload was given, --layout
+            and --buffer-size both, a value is out of range, the exporter
+            does not take an option, or the machine cannot hold the run.
+    """
+    for flag, key in _WORKLOAD_ONLY:
+        if getattr(args, key) is not None:
+            raise UsageError(f"{flag} is not an option of --stream")
+    if args.layout is not None and args.buffer_size is not None:
+        raise UsageError(
+            "--layout and --buffer-size both give the frames' size: give one"
+        )
+    _check_exporter_options(args)
+    defaults = StreamConfig()
+    frames = args.frames
+    if frames is None and args.duration is None:
+        frames = defaults.frames
+    kill = args.kill_subscriber
+    if kill is not None and frames is not None and kill >= frames:
+        raise UsageError(
+            f"--kill-subscriber {kill:,} must be below --frames {frames:,}: "
+            "the kill would never come"
+        )
+    try:
+        config = StreamConfig(
+            exporter=args.exporter,
+            subscribers=_given(args.subscribers, defaults.subscribers),
+            buffers=_given(args.buffers, defaults.buffers),
+            layout=None
+            if args.buffer_size is not None
+            else args.layout or defaults.layout,
+            frame_size=_given(args.buffer_size, 0),
+            frames=frames,
+            duration=args.duration,
+            overflow=_given(args.overflow, defaults.overflow),
+            queue=_given(args.queue, defaults.queue),
+            kill_after=kill,
+            seed=args.seed,
+            watchdog=args.watchdog,
+            memory=args.memory,
+            alloc_latency=args.alloc_latency or 0.0,
+            map_latency=args.map_latency or 0.0,
+        )
+        check_stream_fits(config)
+    except (TypeError, ValueError, DmaBufError) as exc:
+        raise UsageError(_flags(str(exc))) from None
+    return config
+
+
+def _flags(message: str) -> str:
+    """Name the command line's flags in a StreamConfig message (``buffers`` ...)."""
+    for word in ("subscribers", "buffers", "queue"):
+        message = re.sub(rf"^(\[\w+\] )?{word}\b", rf"\g<1>--{word}", message)
+    return message
 
 
 def _check_writable(path: Path | None, flag: str) -> None:
@@ -490,12 +691,19 @@ def _has(module: str) -> bool:
 class _Outcome:
     """What the runs gave: their reports, and how the command ended."""
 
-    reports: list[StressReport] = field(default_factory=list)
+    reports: list[Any] = field(default_factory=list)
+    """The reports: StressReport, or StreamReport with --stream."""
     interrupted: bool = False
     error: str | None = None
 
 
+#: Runs one backend: (label, anyio backend, its options) -> (report, stopped).
+_RunOne = Callable[[str, str, dict[str, object]], tuple[Any, bool]]
+
+
 def _stress_command(args: argparse.Namespace, console: Console, errors: Console) -> int:
+    if args.stream:
+        return _stream_command(args, console)
     config = _config(args)
     _check_writable(args.json, "--json")
     _check_writable(args.plot, "--plot")
@@ -513,13 +721,31 @@ def _stress_command(args: argparse.Namespace, console: Console, errors: Console)
         f"{amount}, seed {config.seed}",
         highlight=False,
     )
+
+    def run_one(
+        label: str, backend: str, options: dict[str, object]
+    ) -> tuple[Any, bool]:
+        return _run_one(label, backend, options, config, console, args.quiet)
+
+    outcome = _run_backends(labels, run_one, console, _one_line)
+    _print_reports(console, outcome.reports, quiet=args.quiet)
+    if plt is not None and outcome.reports:
+        _plot(plt, outcome.reports, args.plot)
+    return _finish(console, outcome, skipped, args.json, args.plot if plt else None)
+
+
+def _run_backends(
+    labels: list[str],
+    run_one: _RunOne,
+    console: Console,
+    one_line: Callable[[Any], str],
+) -> _Outcome:
+    """Run each backend in turn until one is interrupted or an error stops it."""
     outcome = _Outcome()
     for label in labels:
         backend, options = BACKENDS[label]
         try:
-            report, stopped = _run_one(
-                label, backend, options, config, console, args.quiet
-            )
+            report, stopped = run_one(label, backend, options)
         except KeyboardInterrupt:  # before the loop could catch the signal
             outcome.interrupted = True
             break
@@ -530,19 +756,28 @@ def _stress_command(args: argparse.Namespace, console: Console, errors: Console)
             outcome.interrupted, outcome.error = _unwrap(group, label)
             break
         outcome.reports.append(report)
-        console.print(_one_line(report), highlight=False)
+        console.print(one_line(report), highlight=False)
         if stopped:
             outcome.interrupted = True
             break
-    _print_reports(console, outcome.reports, quiet=args.quiet)
+    return outcome
+
+
+def _finish(
+    console: Console,
+    outcome: _Outcome,
+    skipped: list[str],
+    json_path: Path | None,
+    plot_path: Path | None,
+) -> int:
+    """Write the JSON, print the verdict, and return the exit status."""
     for note in skipped:
         console.print(f"skipped: {note}", highlight=False)
-    if args.json:
-        _write_json(args.json, outcome)
-        console.print(f"wrote {args.json}", highlight=False)
-    if plt is not None and outcome.reports:
-        _plot(plt, outcome.reports, args.plot)
-        console.print(f"wrote {args.plot}", highlight=False)
+    if json_path:
+        _write_json(json_path, outcome)
+        console.print(f"wrote {json_path}", highlight=False)
+    if plot_path is not None and outcome.reports:
+        console.print(f"wrote {plot_path}", highlight=False)
     ok = outcome.error is None and all(r.ok for r in outcome.reports)
     if outcome.error is not None:
         console.print(
@@ -601,6 +836,20 @@ class _Countdown(ProgressColumn):
         return f"{task.completed:.0f}/{task.total:.0f} s"
 
 
+def _progress(label: str, console: Console, timed: bool, live: bool) -> Progress:
+    return Progress(
+        SpinnerColumn(),
+        TextColumn(f"[bold]{label:<8}[/]"),
+        BarColumn(bar_width=20),
+        _Countdown() if timed else MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[stats]}"),
+        console=console,
+        transient=True,
+        disable=not live,
+    )
+
+
 def _run_one(
     label: str,
     backend: str,
@@ -612,17 +861,7 @@ def _run_one(
     """Run one backend; return its report and whether a signal stopped it."""
     timed = config.ops is None
     live = not quiet and console.is_terminal
-    progress = Progress(
-        SpinnerColumn(),
-        TextColumn(f"[bold]{label:<8}[/]"),
-        BarColumn(bar_width=20),
-        _Countdown() if timed else MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[stats]}"),
-        console=console,
-        transient=True,
-        disable=not live,
-    )
+    progress = _progress(label, console, timed, live)
     total = config.duration if timed else config.ops
     printed = [-1.0]  # when the last plain progress line was printed
     with progress:
@@ -640,19 +879,24 @@ def _run_one(
                 )
 
         result: tuple[StressReport, bool] = anyio.run(
-            _with_signals, config, monitor, backend=backend, backend_options=options
+            _with_signals,
+            run_stress,
+            config,
+            monitor,
+            backend=backend,
+            backend_options=options,
         )
     return result
 
 
 async def _with_signals(
-    config: StressConfig, monitor: Callable[[StressProgress], object]
-) -> tuple[StressReport, bool]:
-    """Run stress; SIGINT or SIGTERM stops it early (the report still comes)."""
+    runner: Callable[..., Any], config: Any, monitor: Callable[[Any], object]
+) -> tuple[Any, bool]:
+    """Run ``runner``; SIGINT or SIGTERM stops it early (the report still comes)."""
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
         await tg.start(_stop_on_signal, stop)
-        report = await run_stress(config, monitor=monitor, stop=stop)
+        report = await runner(config, monitor=monitor, stop=stop)
         tg.cancel_scope.cancel()
     return report, stop.is_set()
 
@@ -686,7 +930,7 @@ def _served(r: StressReport) -> str:
     return f"{100 * (r.try_maps - r.busy) / r.try_maps:.1f}"
 
 
-def _verdict(r: StressReport) -> str:
+def _verdict(r: StressReport | StreamReport) -> str:
     if r.interrupted:
         return "interrupted" if r.ok else "FAILED"
     return "ok" if r.ok else "FAILED"
@@ -770,7 +1014,7 @@ def _latency(reports: list[StressReport]) -> Table:
     return table
 
 
-def _invariants(reports: list[StressReport]) -> Table:
+def _invariants(reports: Sequence[StressReport | StreamReport]) -> Table:
     if len(reports) == 1:
         table = _table("invariants", "invariant", "held", "evidence")
         table.columns[1].justify = "left"
@@ -813,6 +1057,13 @@ def _print_reports(
             console.print(note, highlight=False, style="dim")
         console.print(_latency(reports))
         console.print(_invariants(reports))
+    _print_findings(console, reports, quiet=quiet)
+
+
+def _print_findings(
+    console: Console, reports: Sequence[StressReport | StreamReport], *, quiet: bool
+) -> None:
+    """The invariants that failed, the notes, and who waited for what."""
     for r in reports:
         if len(reports) > 1 or quiet:
             for inv in r.invariants:
@@ -832,6 +1083,175 @@ def _print_reports(
             )
             for line in r.hang_report:
                 console.print(line, highlight=False, markup=False)
+
+
+# -- stress --stream ------------------------------------------------------------------
+
+
+def _stream_command(args: argparse.Namespace, console: Console) -> int:
+    config = _stream_config(args)
+    _check_writable(args.json, "--json")
+    labels, skipped = _backends(args.backend)
+    modes = ", ".join(
+        overflow_of(config.overflow, i) for i in range(min(config.subscribers, 2))
+    )
+    if config.subscribers > 2:
+        modes += ", ..."
+    amount = f"{config.frames:,} frames" if config.frames else f"{config.duration:g} s"
+    console.print(
+        f"[bold]asyncdmabuf stress --stream[/]: {config.subscribers} subscriber "
+        f"processes ({modes}),",
+        highlight=False,
+    )
+    console.print(
+        f"queue {config.queue}, {config.buffers} buffers of {config.shape} "
+        f"({_bytes(config.buffer_size)}), exporter {config.exporter}, {amount},",
+        highlight=False,
+    )
+    kill = (
+        f"; subscriber 0 SIGKILLed holding frames after {config.kill_after:,}"
+        if config.kill_after is not None
+        else ""
+    )
+    console.print(
+        f"fences both ways, every byte of every frame compared{kill}",
+        highlight=False,
+    )
+
+    def run_one(
+        label: str, backend: str, options: dict[str, object]
+    ) -> tuple[Any, bool]:
+        return _run_stream_one(label, backend, options, config, console, args.quiet)
+
+    outcome = _run_backends(labels, run_one, console, _stream_one_line)
+    if outcome.reports:
+        if not args.quiet:
+            console.print(_stream_figures(outcome.reports))
+            console.print(_subscriber_table(outcome.reports))
+            killed = any(r.config.kill_after is not None for r in outcome.reports)
+            for note in _STREAM_FOOTNOTES[: 2 if killed else 1]:
+                console.print(note, highlight=False, style="dim")
+            console.print(_invariants(outcome.reports))
+        _print_findings(console, outcome.reports, quiet=args.quiet)
+    return _finish(console, outcome, skipped, args.json, None)
+
+
+def _run_stream_one(
+    label: str,
+    backend: str,
+    options: dict[str, object],
+    config: StreamConfig,
+    console: Console,
+    quiet: bool,
+) -> tuple[StreamReport, bool]:
+    """Run one backend of a stream run; return its report and whether stopped."""
+    timed = config.frames is None
+    live = not quiet and console.is_terminal
+    progress = _progress(label, console, timed, live)
+    total = config.duration if timed else config.frames
+    printed = [-1.0]
+    with progress:
+        task: TaskID = progress.add_task(label, total=total, stats="")
+
+        def monitor(p: StreamProgress) -> None:
+            stats = f"{p.subscribers} subscribers, dropped {p.dropped:,}"
+            done = min(p.elapsed, total or 0.0) if timed else p.frames_sent
+            progress.update(task, completed=done, stats=stats)
+            if not live and not quiet and p.elapsed - printed[0] >= 1.0:
+                printed[0] = p.elapsed
+                console.print(
+                    f"{label}: {p.frames_sent:,} frames in {p.elapsed:.1f} s, {stats}",
+                    highlight=False,
+                )
+
+        result: tuple[StreamReport, bool] = anyio.run(
+            _with_signals,
+            run_stream,
+            config,
+            monitor,
+            backend=backend,
+            backend_options=options,
+        )
+    return result
+
+
+def _bytes(n: int) -> str:
+    if n >= 1 << 20:
+        return f"{n / (1 << 20):,.1f} MiB"
+    if n >= 1 << 10:
+        return f"{n / (1 << 10):,.1f} KiB"
+    return f"{n} B"
+
+
+def _stream_one_line(r: StreamReport) -> str:
+    return (
+        f"{r.backend}: {r.frames_sent:,} frames in {r.elapsed:.2f} s, "
+        f"{r.frames_per_second:,.0f} frames/s to {len(r.subscribers)} "
+        f"subscribers, dropped {r.frames_dropped:,}: {_verdict(r)}"
+    )
+
+
+def _stream_figures(reports: list[StreamReport]) -> Table:
+    table = _table("the publisher", "", *(r.backend for r in reports))
+
+    def row(name: str, cell: Callable[[StreamReport], str]) -> None:
+        table.add_row(name, *(cell(r) for r in reports))
+
+    row("frames sent", lambda r: f"{r.frames_sent:,}")
+    row("elapsed, s", lambda r: f"{r.elapsed:.2f}")
+    row("frames/s", lambda r: f"{r.frames_per_second:,.0f}")
+    row("MiB/s to each subscriber", lambda r: _mib_rate(r))
+    row("frames dropped (1)", lambda r: f"{r.frames_dropped:,}")
+    row("loan() wait p50/p99, µs", lambda r: _pair(r.loan_wait))
+    row("send() p50/p99, µs", lambda r: _pair(r.send_time))
+    if any(r.config.kill_after is not None for r in reports):
+        row("sent after the kill (2)", lambda r: f"{r.sent_after_kill:,}")
+    row("verdict", _verdict)
+    return table
+
+
+def _mib_rate(r: StreamReport) -> str:
+    return f"{r.frames_per_second * r.config.buffer_size / (1 << 20):,.0f}"
+
+
+def _pair(s: LatencySummary) -> str:
+    return f"{s.p50 * 1e6:,.0f} / {s.p99 * 1e6:,.0f}"
+
+
+def _subscriber_table(reports: list[StreamReport]) -> Table:
+    table = _table(
+        "subscribers: latency is send() to the release fence signalled, µs",
+        "",
+        "sub",
+        "overflow",
+        "frames",
+        "fps",
+        "drops",
+        "p50",
+        "p99",
+        "max",
+    )
+    for r in reports:
+        for i, s in enumerate(r.subscribers):
+            table.add_row(
+                r.backend if i == 0 else "",
+                f"{s.index}*" if s.killed else str(s.index),
+                s.overflow,
+                f"{s.received:,}",
+                f"{s.frames_per_second:,.0f}",
+                f"{s.gaps:,}",
+                *(f"{getattr(s.latency, q) * 1e6:,.0f}" for q in ("p50", "p99", "max")),
+                end_section=i == len(r.subscribers) - 1 and r is not reports[-1],
+            )
+    return table
+
+
+_STREAM_FOOTNOTES = (
+    "(1) by drop-oldest subscribers' queues; a subscriber's drops are the seq "
+    "gaps it saw, which must equal what the publisher dropped for it.",
+    "(2) frames the publisher sent after SIGKILLing subscriber 0 (marked *) "
+    "while it held frames; their buffers must all come back.",
+)
 
 
 def _plot(plt: Any, reports: list[StressReport], path: Path) -> None:

@@ -12,7 +12,9 @@ faults recognised as :class:`~asyncdmabuf.InjectedFault`.
 - :mod:`.watchdog`: hang detection, and who waits for what;
 - :mod:`.verdict`: the invariants checked at the end;
 - :mod:`.report`: the records a run returns;
-- :mod:`.run`: :func:`run_stress`, tying them together.
+- :mod:`.run`: :func:`run_stress`, tying them together;
+- :mod:`.stream`, :mod:`.stream_run`, :mod:`.stream_child`: ``--stream``,
+  one publisher and subscriber processes (:func:`run_stream`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from .config import (
 )
 from .report import Invariant, LatencySummary, StressProgress, StressReport, percentile
 from .run import run_stress
+from .stream import StreamConfig, StreamProgress, StreamReport, SubscriberReport
+from .stream_run import run_stream
 
 __all__ = [
     "CLEAN_OPS",
@@ -35,12 +39,17 @@ __all__ = [
     "Invariant",
     "LatencySummary",
     "MapMode",
+    "StreamConfig",
+    "StreamProgress",
+    "StreamReport",
     "StressConfig",
     "StressProgress",
     "StressReport",
+    "SubscriberReport",
     "available_exporters",
     "load_exporter",
     "make_exporter",
     "percentile",
+    "run_stream",
     "run_stress",
 ]

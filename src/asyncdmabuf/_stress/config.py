@@ -11,7 +11,7 @@ import importlib
 import inspect
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Protocol, get_args
 
 from .._errors import InvalidArgument
 from .._exporter import Exporter
@@ -21,6 +21,7 @@ __all__ = [
     "CLEAN_OPS",
     "GROUP",
     "MAP_MODES",
+    "ExporterSpec",
     "MapMode",
     "StressConfig",
     "available_exporters",
@@ -126,6 +127,27 @@ class StressConfig:
             check_int(self.memory, "memory")
 
 
+class ExporterSpec(Protocol):
+    """What :func:`make_exporter` reads of a run's configuration."""
+
+    @property
+    def exporter(self) -> str: ...
+    @property
+    def buffers(self) -> int: ...
+    @property
+    def buffer_size(self) -> int: ...
+    @property
+    def memory(self) -> int | None: ...
+    @property
+    def alloc_latency(self) -> float: ...
+    @property
+    def map_latency(self) -> float: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def fault_rate(self) -> float: ...
+
+
 def available_exporters() -> list[str]:
     """Return the names of every registered exporter, sorted."""
     return sorted({ep.name for ep in entry_points(group=GROUP)})
@@ -181,7 +203,7 @@ def exporter_options(cls: type[Exporter]) -> frozenset[str]:
     )
 
 
-def make_exporter(config: StressConfig) -> Exporter:
+def make_exporter(config: ExporterSpec) -> Exporter:
     """Build the exporter ``config.exporter`` names, configured for the run.
 
     The options its constructor takes by keyword are passed, the others left

@@ -11,8 +11,15 @@ import resource
 
 from .._errors import InvalidArgument
 from .config import StressConfig
+from .stream import StreamConfig
 
-__all__ = ["TASK_BYTES", "available_memory", "check_fits"]
+__all__ = [
+    "PROCESS_BYTES",
+    "TASK_BYTES",
+    "available_memory",
+    "check_fits",
+    "check_stream_fits",
+]
 
 #: A generous estimate of what one worker task costs (its coroutine frames,
 #: the backend's task object, its record), in bytes.
@@ -20,6 +27,14 @@ TASK_BYTES = 32 << 10
 
 #: What one device record costs, generously, in bytes.
 DEVICE_BYTES = 4 << 10
+
+#: A generous estimate of one subscriber process (an interpreter, asyncdmabuf,
+#: an event loop), in bytes.
+PROCESS_BYTES = 64 << 20
+
+#: File descriptors a stream run uses per subscriber (its socket, its control
+#: socket, fences in flight), generously.
+SUBSCRIBER_FDS = 8
 
 #: File descriptors kept for everything but the buffers (the event loop,
 #: stdio, imports).
@@ -75,6 +90,42 @@ def check_fits(config: StressConfig, memory: int | None = None) -> None:
         raise InvalidArgument(
             f"--buffers {config.buffers:,} may need one fd each, but RLIMIT_NOFILE "
             f"is {soft:,} (ulimit -n): at most {max(soft - SPARE_FDS, 0):,}"
+        )
+
+
+def check_stream_fits(config: StreamConfig, memory: int | None = None) -> None:
+    """Refuse a stream run this machine cannot hold.
+
+    Args:
+        config: The run.
+        memory: Bytes available (default: :func:`available_memory`).
+
+    Raises:
+        InvalidArgument: The buffers or the subscriber processes need more
+            memory than is available, or more fds than ``RLIMIT_NOFILE``
+            allows; the message names the bound.
+    """
+    if memory is None:
+        memory = available_memory()
+    needed = config.buffers * config.buffer_size
+    if needed > memory:
+        raise InvalidArgument(
+            f"--buffers {config.buffers:,} of {_size(config.buffer_size)} frames "
+            f"need {_size(needed)}; {_size(memory)} is available"
+        )
+    processes = config.subscribers * PROCESS_BYTES
+    if needed + processes > memory:
+        raise InvalidArgument(
+            f"--subscribers {config.subscribers:,} need about {_size(processes)} "
+            f"(processes of about {_size(PROCESS_BYTES)}); {_size(memory)} is "
+            "available"
+        )
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fds = config.buffers + config.subscribers * SUBSCRIBER_FDS + SPARE_FDS
+    if soft != resource.RLIM_INFINITY and fds > soft:
+        raise InvalidArgument(
+            f"--buffers {config.buffers:,} and --subscribers {config.subscribers:,} "
+            f"may need {fds:,} fds, but RLIMIT_NOFILE is {soft:,} (ulimit -n)"
         )
 
 

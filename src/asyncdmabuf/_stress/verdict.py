@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import anyio
@@ -11,6 +10,7 @@ from .._buffer import live_buffers
 from .._errors import DmaBufError
 from .._stats import DeviceStatistics
 from .report import Invariant
+from .stream import fd_table
 from .workload import Run
 
 __all__ = ["detach_leftovers", "judge", "memfds", "put_all"]
@@ -18,15 +18,11 @@ __all__ = ["detach_leftovers", "judge", "memfds", "put_all"]
 
 def memfds() -> set[str]:
     """The fds of this process that are memfds, as ``fd -> target`` strings."""
-    found = set()
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue
-        if target.startswith("/memfd:"):
-            found.add(f"{name} -> {target}")
-    return found
+    return {
+        f"{fd} -> {target}"
+        for fd, target in fd_table().items()
+        if target.startswith("/memfd:")
+    }
 
 
 async def detach_leftovers(run: Run) -> tuple[int, int]:
