@@ -15,20 +15,19 @@ buffer lock, the buffer pool, a device's memory, a fence) written once:
 
 Parking uses the backend's own primitive (a future on asyncio, trio's
 ``wait_task_rescheduled``), so a park costs no :class:`anyio.Event` and no
-cancel scope unless it is shielded on asyncio.
+cancel scope, shielded or not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+from asyncio.events import _get_running_loop
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, final
 
-import anyio
-
-from ._backends import current_backend, task_name
+from ._backends import asyncio_current_task, task_name
 
 __all__ = ["WaitQueue", "WaitQueueStatistics"]
 
@@ -47,11 +46,30 @@ class WaitQueueStatistics:
 class _Waiter:
     __slots__ = ("future", "granted", "task", "value")
 
-    def __init__(self, task: Any, future: asyncio.Future[object] | None) -> None:
+    def __init__(self, task: Any, future: asyncio.Future[None] | None) -> None:
         self.task = task
         self.future = future  # asyncio only; trio reschedules the task
         self.granted = False
         self.value: object = None
+
+
+class _ShieldedFuture(asyncio.Future[None]):
+    """A future its waiting task cannot cancel: a shielded park's.
+
+    ``Task.cancel()`` asks the future it waits on to cancel; refused, it marks
+    the task instead (``_must_cancel``), and the cancellation is delivered when
+    the future completes. No cancel scope, and nothing to redo per cancel.
+    """
+
+    __slots__ = ()
+
+    def cancel(self, msg: object = None) -> bool:
+        return False
+
+
+def _trio_reschedule(task: object, value: object) -> None:
+    # Only reached on trio, which has imported outcome (its own dependency).
+    sys.modules["trio"].lowlevel.reschedule(task, sys.modules["outcome"].Value(value))
 
 
 def _ignore(value: object) -> None:
@@ -98,51 +116,59 @@ class WaitQueue:
     async def park(self, *, shielded: bool = False) -> object:
         """Wait until :meth:`unpark` hands this task a value; return it.
 
-        Always suspends. Cancelled before being woken, the task leaves the
-        queue and the cancellation propagates; woken and then cancelled before
-        it ran, the value goes to ``on_abandon`` and the cancellation
-        propagates. With ``shielded=True`` cancellation is ignored until the
-        task is woken (it is raised at the caller's next checkpoint).
-        """
-        if self._waiters is None:
-            self._waiters = {}
-        if current_backend() == "trio":
-            return await self._park_trio(shielded)
-        if shielded:
-            with anyio.CancelScope(shield=True):
-                return await self._park_asyncio()
-        return await self._park_asyncio()
+        Always suspends, with nothing before it: a task that parks has reached
+        its checkpoint. Cancelled before being woken, the task leaves the queue
+        and the cancellation propagates; woken and then cancelled before it
+        ran, the value goes to ``on_abandon`` and the cancellation propagates.
 
-    async def _park_asyncio(self) -> object:
-        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(asyncio.current_task(), future)
-        assert self._waiters is not None
-        self._waiters[waiter] = None
+        With ``shielded=True`` cancellation is ignored until the task is woken,
+        and is then raised at the task's next checkpoint, exactly once: on trio
+        the abort is refused; on asyncio the task waits on a future that
+        refuses to be cancelled, so a ``Task.cancel()`` only marks the task, and
+        the mark is set again (``uncancel()`` then ``cancel()``, so
+        ``cancelling()`` is unchanged) after the park has taken its value.
+        """
+        waiters = self._waiters
+        if waiters is None:
+            waiters = self._waiters = {}
+        loop = _get_running_loop()
+        if loop is None:
+            return await self._park_trio(waiters, shielded)
+        future: asyncio.Future[None] = (
+            _ShieldedFuture(loop=loop) if shielded else loop.create_future()
+        )
+        waiter = _Waiter(asyncio_current_task(loop), future)
+        waiters[waiter] = None
         try:
             await future
-        except BaseException:
-            if waiter.granted:
-                self._on_abandon(waiter.value)
-            else:
+        except BaseException as exc:
+            if not waiter.granted:
                 self._discard(waiter)
+            elif shielded and isinstance(exc, asyncio.CancelledError):
+                # Woken, then the mark a cancel left was delivered: take the
+                # value and mark the task again for its next checkpoint.
+                task = waiter.task
+                task.uncancel()
+                task.cancel(exc.args[0] if exc.args else None)
+                return waiter.value
+            else:
+                self._on_abandon(waiter.value)
             raise
         return waiter.value
 
-    async def _park_trio(self, shielded: bool) -> object:
-        trio = sys.modules["trio"]
-        waiter = _Waiter(trio.lowlevel.current_task(), None)
-        assert self._waiters is not None
-        self._waiters[waiter] = None
+    async def _park_trio(self, waiters: dict[_Waiter, None], shielded: bool) -> object:
+        lowlevel = sys.modules["trio"].lowlevel
+        waiter = _Waiter(lowlevel.current_task(), None)
+        waiters[waiter] = None
 
         def abort(_: object) -> object:
             if shielded:
-                return trio.lowlevel.Abort.FAILED  # stay parked until woken
-            self._discard(waiter)
-            return trio.lowlevel.Abort.SUCCEEDED
+                return lowlevel.Abort.FAILED  # stay parked until woken
+            waiters.pop(waiter, None)
+            return lowlevel.Abort.SUCCEEDED
 
         # trio never cancels a task it has rescheduled: no abandoned values.
-        await trio.lowlevel.wait_task_rescheduled(abort)
-        return waiter.value
+        return await lowlevel.wait_task_rescheduled(abort)
 
     def _discard(self, waiter: _Waiter) -> None:
         if self._waiters is not None:
@@ -158,22 +184,20 @@ class WaitQueue:
         while waiters:
             waiter = next(iter(waiters))
             del waiters[waiter]
-            if waiter.future is None or not waiter.future.done():
-                break
+            future = waiter.future
+            if future is None:
+                waiter.granted = True
+                _trio_reschedule(waiter.task, value)
+                task: object = waiter.task
+                return task
+            if not future.done():
+                waiter.granted = True
+                waiter.value = value
+                future.set_result(None)
+                task = waiter.task
+                return task
             # Cancelled on asyncio and not yet run: it leaves by itself.
-        else:
-            return None
-        waiter.granted = True
-        waiter.value = value
-        future = waiter.future
-        if future is None:
-            import outcome  # trio's own dependency; only reached on trio
-
-            sys.modules["trio"].lowlevel.reschedule(waiter.task, outcome.Value(None))
-        else:
-            future.set_result(None)
-        task: object = waiter.task
-        return task
+        return None
 
     def unpark_all(self, value: object = None) -> int:
         """Wake every waiter, each with ``value``; return how many woke."""
