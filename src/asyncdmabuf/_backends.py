@@ -171,7 +171,7 @@ def _anyio_task_states() -> Any:
         module = sys.modules.get("anyio._backends._asyncio")
         states = getattr(module, "_task_states", None)
         scope = getattr(module, "CancelScope", None)
-        names = ("cancel_called", "shield", "_parent_scope")
+        names = ("_cancel_called", "_shield", "_parent_scope")
         if states is not None and all(hasattr(scope, name) for name in names):
             _task_states = states
     return _task_states
@@ -182,9 +182,9 @@ def _scope_cancelled(task: asyncio.Task[Any]) -> bool:
     state = _task_states.get(task)
     scope = state.cancel_scope if state is not None else None
     while scope is not None:
-        if scope.cancel_called:
+        if scope._cancel_called:
             return True
-        if scope.shield:
+        if scope._shield:
             return False
         scope = scope._parent_scope
     return False

@@ -162,7 +162,7 @@ class FifoLock:
     def release(self) -> None:
         """Release the lock, handing it to the longest waiter if there is one."""
         queue = self._queue
-        if queue:
+        if queue is not None:
             task = queue.unpark(self)
             if task is not None:
                 self._owner = task  # ownership has passed on: the lock stays held

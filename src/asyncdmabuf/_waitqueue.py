@@ -25,7 +25,7 @@ import sys
 from asyncio.events import _get_running_loop
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, final
+from typing import final
 
 from ._backends import asyncio_current_task, task_name
 
@@ -42,18 +42,7 @@ class WaitQueueStatistics:
     """Their names, longest waiter first."""
 
 
-@final
-class _Waiter:
-    __slots__ = ("future", "granted", "task", "value")
-
-    def __init__(self, task: Any, future: asyncio.Future[None] | None) -> None:
-        self.task = task
-        self.future = future  # asyncio only; trio reschedules the task
-        self.granted = False
-        self.value: object = None
-
-
-class _ShieldedFuture(asyncio.Future[None]):
+class _ShieldedFuture(asyncio.Future[object]):
     """A future its waiting task cannot cancel: a shielded park's.
 
     ``Task.cancel()`` asks the future it waits on to cancel; refused, it marks
@@ -76,6 +65,21 @@ def _ignore(value: object) -> None:
     pass
 
 
+async def _park_trio(waiters: dict[object, object], shielded: bool) -> object:
+    lowlevel = sys.modules["trio"].lowlevel
+    task = lowlevel.current_task()
+    waiters[task] = task
+
+    def abort(_: object) -> object:
+        if shielded:
+            return lowlevel.Abort.FAILED  # stay parked until woken
+        del waiters[task]
+        return lowlevel.Abort.SUCCEEDED
+
+    # trio never cancels a task it has rescheduled: no abandoned values.
+    return await lowlevel.wait_task_rescheduled(abort)
+
+
 @final
 class WaitQueue:
     """A FIFO queue of parked tasks; not thread-safe, like the loop it runs on.
@@ -88,8 +92,11 @@ class WaitQueue:
     __slots__ = ("_on_abandon", "_waiters")
 
     def __init__(self, on_abandon: Callable[[object], None] | None = None) -> None:
-        # Made on first park: most queues (one per buffer) never hold a waiter.
-        self._waiters: dict[_Waiter, None] | None = None
+        # Arrival order; each waiter's key -> its task. On asyncio the key is
+        # the future the task waits on (it carries the value handed over), on
+        # trio the task itself. Made on first park: most queues (one per
+        # buffer) never hold a waiter.
+        self._waiters: dict[object, object] | None = None
         self._on_abandon = on_abandon or _ignore
 
     def __len__(self) -> int:
@@ -100,17 +107,16 @@ class WaitQueue:
 
     def statistics(self) -> WaitQueueStatistics:
         """Return how many tasks are parked, and who."""
-        waiters = tuple(self._waiters or ())
+        tasks = tuple(self._waiters.values()) if self._waiters else ()
         return WaitQueueStatistics(
-            tasks_waiting=len(waiters),
-            waiting=tuple(task_name(w.task) for w in waiters),
+            tasks_waiting=len(tasks), waiting=tuple(task_name(t) for t in tasks)
         )
 
     def first_task(self) -> object | None:
         """Return the longest-waiting task, or None."""
         if not self._waiters:
             return None
-        task: object = next(iter(self._waiters)).task
+        task: object = next(iter(self._waiters.values()))
         return task
 
     async def park(self, *, shielded: bool = False) -> object:
@@ -133,46 +139,26 @@ class WaitQueue:
             waiters = self._waiters = {}
         loop = _get_running_loop()
         if loop is None:
-            return await self._park_trio(waiters, shielded)
-        future: asyncio.Future[None] = (
+            return await _park_trio(waiters, shielded)
+        future: asyncio.Future[object] = (
             _ShieldedFuture(loop=loop) if shielded else loop.create_future()
         )
-        waiter = _Waiter(asyncio_current_task(loop), future)
-        waiters[waiter] = None
+        task = waiters[future] = asyncio_current_task(loop)
         try:
-            await future
+            return await future
         except BaseException as exc:
-            if not waiter.granted:
-                self._discard(waiter)
-            elif shielded and isinstance(exc, asyncio.CancelledError):
+            if not future.done() or future.cancelled():
+                waiters.pop(future, None)  # not woken: leave as if never asked
+                raise
+            if shielded and isinstance(exc, asyncio.CancelledError):
                 # Woken, then the mark a cancel left was delivered: take the
                 # value and mark the task again for its next checkpoint.
-                task = waiter.task
+                assert task is not None  # a future is awaited by a task
                 task.uncancel()
                 task.cancel(exc.args[0] if exc.args else None)
-                return waiter.value
-            else:
-                self._on_abandon(waiter.value)
+                return future.result()
+            self._on_abandon(future.result())
             raise
-        return waiter.value
-
-    async def _park_trio(self, waiters: dict[_Waiter, None], shielded: bool) -> object:
-        lowlevel = sys.modules["trio"].lowlevel
-        waiter = _Waiter(lowlevel.current_task(), None)
-        waiters[waiter] = None
-
-        def abort(_: object) -> object:
-            if shielded:
-                return lowlevel.Abort.FAILED  # stay parked until woken
-            waiters.pop(waiter, None)
-            return lowlevel.Abort.SUCCEEDED
-
-        # trio never cancels a task it has rescheduled: no abandoned values.
-        return await lowlevel.wait_task_rescheduled(abort)
-
-    def _discard(self, waiter: _Waiter) -> None:
-        if self._waiters is not None:
-            self._waiters.pop(waiter, None)
 
     def unpark(self, value: object = None) -> object | None:
         """Wake the longest waiter, handing it ``value``; never checkpoints.
@@ -182,19 +168,14 @@ class WaitQueue:
         """
         waiters = self._waiters
         while waiters:
-            waiter = next(iter(waiters))
-            del waiters[waiter]
-            future = waiter.future
-            if future is None:
-                waiter.granted = True
-                _trio_reschedule(waiter.task, value)
-                task: object = waiter.task
+            key = next(iter(waiters))
+            task: object = waiters.pop(key)
+            if key is task:  # trio
+                _trio_reschedule(task, value)
                 return task
+            future: asyncio.Future[object] = key  # type: ignore[assignment]
             if not future.done():
-                waiter.granted = True
-                waiter.value = value
-                future.set_result(None)
-                task = waiter.task
+                future.set_result(value)
                 return task
             # Cancelled on asyncio and not yet run: it leaves by itself.
         return None
