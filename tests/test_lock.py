@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import anyio
-import pytest
+import asyncio as _asyncio
 
-from asyncdmabuf._backends import native_checkpoint, task_name
+import anyio
+import anyio.lowlevel
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from asyncdmabuf._backends import current_backend, native_checkpoint, task_name
 from asyncdmabuf._lock import FifoLock
 
 from .helpers import assert_checkpoints, assert_no_checkpoints, wait_all_blocked
+from .reliability import PROFILE, budget
 
 pytestmark = pytest.mark.anyio
 
@@ -128,3 +134,134 @@ def test_outside_an_event_loop_anyio_is_used() -> None:
     assert lock.acquire_nowait()
     assert task_name(lock.owner) == "<unknown task>"
     lock.release()
+
+
+# -- FIFO and cancellation, model-checked ---------------------------------------------
+
+#: A step: queue a waiter (shielded or not), cancel the k-th live waiter through
+#: its scope or (asyncio) with ``Task.cancel()``, or release and at once cancel
+#: the waiter the lock was just handed to (through its scope, or natively),
+#: then queue again behind everyone.
+_steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("wait"), st.booleans()),
+        st.tuples(st.sampled_from(["cancel", "native"]), st.integers(0, 7)),
+        st.tuples(st.just("handoff"), st.booleans()),
+    ),
+    max_size=14,
+)
+
+
+@settings(PROFILE, max_examples=budget(60, 600))
+@given(steps=_steps)
+async def test_fifo_and_cancellation_at_every_point(
+    steps: list[tuple[str, object]],
+) -> None:
+    """Grants follow arrival; cancelled waiters leave; shielded ones get their turn.
+
+    Whatever mix of waiters and cancellations: the lock is granted in arrival
+    order to every waiter that did not leave; a non-shielded waiter cancelled
+    before its grant leaves (on asyncio also one ``Task.cancel()``-ed between
+    its grant and its first step: the lock goes on to the next); a shielded
+    waiter is
+    granted anyway and meets its cancellation exactly once, at its next
+    checkpoint, with asyncio's ``cancelling()`` count exact; at the end the lock
+    is free and nobody is counted waiting.
+    """
+    asyncio = current_backend() == "asyncio"
+    lock = FifoLock()
+    await lock.acquire()
+    arrivals: list[int] = []
+    shielded: dict[int, bool] = {}
+    scopes: dict[int, anyio.CancelScope] = {}
+    tasks: dict[int, object] = {}
+    natives: dict[int, int] = {}  # Task.cancel() calls per waiter
+    left: set[int] = set()  # predicted never to be granted
+    grants: list[int] = []
+    caught: dict[int, int] = {}  # cancellations seen per waiter
+    counts: dict[int, int] = {}  # cancelling() right after a shielded grant
+
+    async def waiter(i: int) -> None:
+        if asyncio:
+            tasks[i] = _asyncio.current_task()
+        try:
+            with scopes[i]:
+                if shielded[i]:
+                    waited = await lock.acquire_shielded()
+                    assert waited
+                    if asyncio:
+                        counts[i] = tasks[i].cancelling()  # type: ignore[attr-defined]
+                else:
+                    await lock.acquire()
+                try:
+                    grants.append(i)
+                    await anyio.lowlevel.checkpoint()
+                finally:
+                    lock.release()
+        except _asyncio.CancelledError:  # a native cancel (anyio's are caught)
+            caught[i] = caught.get(i, 0) + 1
+            task = tasks[i]
+            # One exception however many cancel() calls, each counted once.
+            assert task.cancelling() == natives[i]  # type: ignore[attr-defined]
+            for _ in range(natives[i]):
+                task.uncancel()  # type: ignore[attr-defined]
+        if scopes[i].cancelled_caught:
+            caught[i] = caught.get(i, 0) + 1
+        if asyncio:  # every cancel() was matched by one uncancel()
+            assert tasks[i].cancelling() == 0  # type: ignore[attr-defined]
+        await anyio.lowlevel.checkpoint()  # nothing more is pending
+
+    def live() -> list[int]:
+        return [i for i in arrivals if i not in left and i not in grants]
+
+    async with anyio.create_task_group() as tg:
+        for step, arg in steps:
+            queued = live()
+            if step == "wait":
+                i = len(arrivals)
+                arrivals.append(i)
+                shielded[i] = bool(arg)
+                scopes[i] = anyio.CancelScope()
+                tg.start_soon(waiter, i)
+                await wait_all_blocked()
+                assert lock.waiting == len(queued) + 1
+                continue
+            if not queued:
+                continue
+            if step == "handoff":
+                victim = queued[0]
+                lock.release()  # handed to the victim...
+                if arg and asyncio:  # ...cancelled before it ran: it passes it on
+                    tasks[victim].cancel()  # type: ignore[attr-defined]
+                    natives[victim] = natives.get(victim, 0) + 1
+                    if not shielded[victim]:
+                        left.add(victim)
+                else:  # anyio (like trio) does not cancel a task already woken
+                    scopes[victim].cancel()
+                await lock.acquire()  # behind everyone: they all had their turn
+                assert lock.waiting == 0
+                continue
+            victim = queued[int(arg) % len(queued)]  # type: ignore[call-overload]
+            if step == "native":
+                if not asyncio:
+                    continue
+                tasks[victim].cancel()  # type: ignore[attr-defined]
+                natives[victim] = natives.get(victim, 0) + 1
+            else:
+                scopes[victim].cancel()
+            if not shielded[victim]:
+                left.add(victim)
+            await wait_all_blocked()
+            assert lock.waiting == len(live())
+        lock.release()
+    assert grants == [i for i in arrivals if i not in left]
+    assert not lock.locked()
+    assert lock.waiting == 0
+    assert lock.owner is None
+    for i in arrivals:
+        cancelled = scopes[i].cancel_called or natives.get(i, 0) > 0
+        # Exactly one cancellation reached each cancelled waiter (anyio's scope
+        # and a native cancel together arrive as one), none reached the others.
+        assert caught.get(i, 0) == (1 if cancelled else 0), (i, caught, natives)
+        if i in counts and not scopes[i].cancel_called:
+            assert counts[i] == natives.get(i, 0)  # held back, counted once each

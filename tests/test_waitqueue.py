@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import anyio
+import anyio.lowlevel
 import pytest
 
 import asyncdmabuf as dmabuf
+from asyncdmabuf._backends import current_backend
 from asyncdmabuf._lock import FifoLock, LockStatistics
 from asyncdmabuf.lowlevel import WaitQueue, WaitQueueStatistics
 
@@ -140,3 +144,121 @@ async def test_a_buffer_shows_its_lock_statistics() -> None:
     await att.unmap(sgt)
     await att.detach()
     await buf.put()
+
+
+async def _asyncio_only() -> None:
+    if current_backend() != "asyncio":
+        pytest.skip("Task.cancel() and cancelling() are asyncio's")
+
+
+async def test_a_shielded_park_holds_back_native_cancels_and_delivers_once() -> None:
+    await _asyncio_only()
+    queue = WaitQueue()
+    seen: list[object] = []
+
+    async def shielded() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        seen.append(await queue.park(shielded=True))
+        seen.append(task.cancelling())  # both cancels counted, none undone
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError as exc:
+            seen.append(exc.args)
+            assert task.uncancel() == 1
+            assert task.uncancel() == 0
+        await asyncio.sleep(0)  # delivered once: nothing is pending any more
+        seen.append("done")
+
+    task = asyncio.create_task(shielded())
+    await wait_all_blocked()
+    task.cancel("first")
+    task.cancel("second")
+    await wait_all_blocked()
+    assert len(queue) == 1  # still parked
+    assert queue.unpark("value") is task
+    await task
+    assert seen == ["value", 2, ("second",), "done"]
+
+
+async def test_asyncio_timeout_around_a_shielded_park_times_out_after_it() -> None:
+    await _asyncio_only()
+    queue = WaitQueue()
+    got: list[object] = []
+
+    async def shielded() -> None:
+        try:
+            async with asyncio.timeout(0):
+                got.append(await queue.park(shielded=True))
+                await asyncio.sleep(0)  # the timeout's cancellation lands here
+        except TimeoutError:  # not CancelledError: its count was kept exact
+            got.append("timed out")
+        task = asyncio.current_task()
+        assert task is not None
+        assert task.cancelling() == 0
+        got.append("after")
+
+    task = asyncio.create_task(shielded())
+    await wait_all_blocked()
+    await asyncio.sleep(0)  # the timeout fires while it waits
+    await wait_all_blocked()
+    assert len(queue) == 1
+    queue.unpark("value")
+    await task
+    assert got == ["value", "timed out", "after"]
+
+
+async def test_a_cancel_scope_cancelled_during_a_shielded_park_lands_after_it() -> None:
+    queue = WaitQueue()
+    order: list[str] = []
+
+    async def shielded(scope: anyio.CancelScope) -> None:
+        with scope:
+            order.append(str(await queue.park(shielded=True)))
+            # No checkpoint yet: the cancellation is held back until one.
+            order.append("ran on")
+            try:
+                await anyio.lowlevel.checkpoint()
+            except anyio.get_cancelled_exc_class():
+                order.append("cancelled")
+                raise
+            order.append("not cancelled")  # pragma: no cover
+        order.append("left")
+        if current_backend() == "asyncio":
+            task = asyncio.current_task()
+            assert task is not None
+            assert task.cancelling() == 0
+        await anyio.lowlevel.checkpoint()  # nothing more is pending
+        order.append("done")
+
+    scope = anyio.CancelScope()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(shielded, scope)
+        await wait_all_blocked()
+        scope.cancel()
+        await wait_all_blocked()
+        await anyio.lowlevel.checkpoint()
+        assert len(queue) == 1
+        queue.unpark("woken")
+    assert scope.cancelled_caught
+    assert order == ["woken", "ran on", "cancelled", "left", "done"]
+
+
+async def test_a_shielded_park_in_an_already_cancelled_scope_still_waits() -> None:
+    queue = WaitQueue()
+    got: list[object] = []
+
+    async def shielded() -> None:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            got.append(await queue.park(shielded=True))
+            await anyio.lowlevel.checkpoint()
+        got.append(scope.cancelled_caught)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(shielded)
+        await wait_all_blocked()
+        await anyio.lowlevel.checkpoint()
+        assert len(queue) == 1
+        queue.unpark("value")
+    assert got == ["value", True]

@@ -150,7 +150,8 @@ class Attachment:
     async def _map(self, direction: Direction) -> SgTable:
         buf = self._buffer
         lock = buf._lock
-        await lock.checkpoint()
+        if not lock.contended():  # else the wait below is the checkpoint
+            await lock.checkpoint()
         if not lock.acquire_nowait():
             await lock.wait_turn()
         try:

@@ -12,8 +12,8 @@ import functools
 import inspect
 import sys
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable, Generator, Mapping
+from typing import Any, Literal, final
 
 import anyio
 import anyio.lowlevel
@@ -21,6 +21,7 @@ import anyio.lowlevel
 __all__ = [
     "BACKENDS",
     "Backend",
+    "asyncio_current_task",
     "current_backend",
     "current_loop_label",
     "current_time",
@@ -103,6 +104,19 @@ _task_getters: weakref.WeakKeyDictionary[
 ] = weakref.WeakKeyDictionary()
 
 
+#: ``asyncio_current_task(loop)``: the task running on ``loop``, or None. On
+#: 3.11 this reads asyncio's task table directly (``asyncio.current_task`` is a
+#: Python function there that looks the loop up again); on 3.12+ it is
+#: ``asyncio.current_task``, already cheap.
+asyncio_current_task: Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None]
+if inspect.isbuiltin(asyncio.current_task) or not isinstance(
+    getattr(asyncio.tasks, "_current_tasks", None), dict
+):
+    asyncio_current_task = asyncio.current_task  # pragma: no cover (3.12+)
+else:
+    asyncio_current_task = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
+
+
 def native_current_task() -> Callable[[], object]:
     """Return the running backend's cheap "current task" function.
 
@@ -117,15 +131,12 @@ def native_current_task() -> Callable[[], object]:
         return current
     if backend != "asyncio":
         return _no_task
-    if inspect.isbuiltin(asyncio.current_task):  # 3.12+: already cheap
+    if asyncio_current_task is asyncio.current_task:  # pragma: no cover (3.12+)
         return asyncio.current_task
     loop = asyncio.get_running_loop()
     getter = _task_getters.get(loop)
     if getter is None:
-        table = getattr(asyncio.tasks, "_current_tasks", None)
-        if not isinstance(table, dict):  # pragma: no cover (another Python)
-            return asyncio.current_task
-        getter = _task_getters[loop] = functools.partial(table.get, loop)
+        getter = _task_getters[loop] = functools.partial(asyncio_current_task, loop)
     return getter
 
 
@@ -133,14 +144,71 @@ def native_checkpoint_if_cancelled() -> Callable[[], Awaitable[None]]:
     """Return the running backend's "raise if cancelled" (no scheduling).
 
     For operations that already let other tasks run (they waited) but must
-    still deliver a pending cancellation.
+    still deliver a pending cancellation. On asyncio it yields only if the
+    task is marked for cancellation (a shielded park leaves that mark) or an
+    enclosing anyio cancel scope is cancelled: what anyio's own looks at,
+    without its backend lookup.
     """
-    if current_backend() == "trio":
+    backend = current_backend()
+    if backend == "trio":
         check: Callable[[], Awaitable[None]] = sys.modules[
             "trio"
         ].lowlevel.checkpoint_if_cancelled
         return check
+    if backend == "asyncio" and _anyio_task_states() is not None:
+        return _asyncio_checkpoint_if_cancelled
     return anyio.lowlevel.checkpoint_if_cancelled
+
+
+#: anyio's asyncio task states (task -> its innermost cancel scope), once found.
+_task_states: Any = None
+
+
+def _anyio_task_states() -> Any:
+    """Find anyio's asyncio task states, or None if this anyio keeps none."""
+    global _task_states
+    if _task_states is None:
+        module = sys.modules.get("anyio._backends._asyncio")
+        states = getattr(module, "_task_states", None)
+        scope = getattr(module, "CancelScope", None)
+        names = ("_cancel_called", "_shield", "_parent_scope")
+        if states is not None and all(hasattr(scope, name) for name in names):
+            _task_states = states
+    return _task_states
+
+
+def _scope_cancelled(task: asyncio.Task[Any]) -> bool:
+    """Whether an anyio cancel scope around ``task`` is cancelled (and unshielded)."""
+    state = _task_states.get(task)
+    scope = state.cancel_scope if state is not None else None
+    while scope is not None:
+        if scope._cancel_called:
+            return True
+        if scope._shield:
+            return False
+        scope = scope._parent_scope
+    return False
+
+
+@final
+class _Ready:
+    """An awaitable that is done at once: awaiting it never suspends."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield  # pragma: no cover (makes this a generator)
+
+
+_READY = _Ready()
+
+
+def _asyncio_checkpoint_if_cancelled() -> Awaitable[None]:
+    task = asyncio_current_task(asyncio.get_running_loop())
+    if task is not None and (task._must_cancel or _scope_cancelled(task)):  # type: ignore[attr-defined]
+        return asyncio.sleep(0)  # the cancellation is raised there
+    return _READY
 
 
 def task_name(task: object) -> str:

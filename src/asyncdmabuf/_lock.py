@@ -11,6 +11,7 @@ asked how many tasks wait, which ``try_map`` needs. Waiters park on the one
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import final
 
@@ -112,23 +113,29 @@ class FifoLock:
     async def acquire(self) -> None:
         """Take the lock, after everyone who asked first (always a checkpoint).
 
-        Cancelled while waiting, it leaves the queue as if it had never asked.
+        A free lock is taken after a checkpoint; a contended one is queued for
+        at once (the wait is the checkpoint). Cancelled while waiting, it
+        leaves the queue as if it had never asked.
         """
-        await self.checkpoint()
-        if not self.acquire_nowait():
-            await self.wait_turn()
+        if self._owner is None and not self._queue:
+            await self.checkpoint()
+            if self.acquire_nowait():
+                return
+        await self.wait_turn()
 
-    async def wait_turn(self, *, shielded: bool = False) -> None:
+    def wait_turn(self, *, shielded: bool = False) -> Awaitable[object]:
         """Queue for the lock and return holding it (always suspends).
 
-        With ``shielded=True`` it waits whatever cancellation comes (for undo
-        operations, which must complete); the cancellation then surfaces at the
-        caller's next checkpoint.
+        Call it when :meth:`acquire_nowait` failed: the wait is the checkpoint,
+        so none is owed before it. With ``shielded=True`` it waits whatever
+        cancellation comes (for undo operations, which must complete), without
+        a cancel scope; the cancellation then surfaces at the caller's next
+        checkpoint (see :meth:`WaitQueue.park`).
         """
         queue = self._queue
         if queue is None:
             queue = self._queue = WaitQueue(on_abandon=_pass_on)
-        await queue.park(shielded=shielded)
+        return queue.park(shielded=shielded)  # awaited by the caller: one frame less
 
     async def acquire_shielded(self) -> bool:
         """Take the lock whatever cancellation comes (for undo operations).
@@ -143,21 +150,19 @@ class FifoLock:
         await self.wait_turn(shielded=True)
         return True
 
-    async def finish(self, waited: bool) -> None:
+    def finish(self, waited: bool) -> Awaitable[None]:
         """End an undo operation with its checkpoint.
 
         An operation that waited has let other tasks run already: it only
-        raises a pending cancellation. One that did not also yields.
+        raises a pending cancellation (one a shielded wait held back, or one
+        that came meanwhile). One that did not also yields.
         """
-        if waited:
-            await self.checkpoint_if_cancelled()
-        else:
-            await self.checkpoint()
+        return self.checkpoint_if_cancelled() if waited else self.checkpoint()
 
     def release(self) -> None:
         """Release the lock, handing it to the longest waiter if there is one."""
         queue = self._queue
-        if queue:
+        if queue is not None:
             task = queue.unpark(self)
             if task is not None:
                 self._owner = task  # ownership has passed on: the lock stays held

@@ -15,20 +15,19 @@ buffer lock, the buffer pool, a device's memory, a fence) written once:
 
 Parking uses the backend's own primitive (a future on asyncio, trio's
 ``wait_task_rescheduled``), so a park costs no :class:`anyio.Event` and no
-cancel scope unless it is shielded on asyncio.
+cancel scope, shielded or not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+from asyncio.events import _get_running_loop
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, final
+from typing import final
 
-import anyio
-
-from ._backends import current_backend, task_name
+from ._backends import asyncio_current_task, task_name
 
 __all__ = ["WaitQueue", "WaitQueueStatistics"]
 
@@ -43,19 +42,42 @@ class WaitQueueStatistics:
     """Their names, longest waiter first."""
 
 
-@final
-class _Waiter:
-    __slots__ = ("future", "granted", "task", "value")
+class _ShieldedFuture(asyncio.Future[object]):
+    """A future its waiting task cannot cancel: a shielded park's.
 
-    def __init__(self, task: Any, future: asyncio.Future[object] | None) -> None:
-        self.task = task
-        self.future = future  # asyncio only; trio reschedules the task
-        self.granted = False
-        self.value: object = None
+    ``Task.cancel()`` asks the future it waits on to cancel; refused, it marks
+    the task instead (``_must_cancel``), and the cancellation is delivered when
+    the future completes. No cancel scope, and nothing to redo per cancel.
+    """
+
+    __slots__ = ()
+
+    def cancel(self, msg: object = None) -> bool:
+        return False
+
+
+def _trio_reschedule(task: object, value: object) -> None:
+    # Only reached on trio, which has imported outcome (its own dependency).
+    sys.modules["trio"].lowlevel.reschedule(task, sys.modules["outcome"].Value(value))
 
 
 def _ignore(value: object) -> None:
     pass
+
+
+async def _park_trio(waiters: dict[object, object], shielded: bool) -> object:
+    lowlevel = sys.modules["trio"].lowlevel
+    task = lowlevel.current_task()
+    waiters[task] = task
+
+    def abort(_: object) -> object:
+        if shielded:
+            return lowlevel.Abort.FAILED  # stay parked until woken
+        del waiters[task]
+        return lowlevel.Abort.SUCCEEDED
+
+    # trio never cancels a task it has rescheduled: no abandoned values.
+    return await lowlevel.wait_task_rescheduled(abort)
 
 
 @final
@@ -70,8 +92,11 @@ class WaitQueue:
     __slots__ = ("_on_abandon", "_waiters")
 
     def __init__(self, on_abandon: Callable[[object], None] | None = None) -> None:
-        # Made on first park: most queues (one per buffer) never hold a waiter.
-        self._waiters: dict[_Waiter, None] | None = None
+        # Arrival order; each waiter's key -> its task. On asyncio the key is
+        # the future the task waits on (it carries the value handed over), on
+        # trio the task itself. Made on first park: most queues (one per
+        # buffer) never hold a waiter.
+        self._waiters: dict[object, object] | None = None
         self._on_abandon = on_abandon or _ignore
 
     def __len__(self) -> int:
@@ -82,71 +107,58 @@ class WaitQueue:
 
     def statistics(self) -> WaitQueueStatistics:
         """Return how many tasks are parked, and who."""
-        waiters = tuple(self._waiters or ())
+        tasks = tuple(self._waiters.values()) if self._waiters else ()
         return WaitQueueStatistics(
-            tasks_waiting=len(waiters),
-            waiting=tuple(task_name(w.task) for w in waiters),
+            tasks_waiting=len(tasks), waiting=tuple(task_name(t) for t in tasks)
         )
 
     def first_task(self) -> object | None:
         """Return the longest-waiting task, or None."""
         if not self._waiters:
             return None
-        task: object = next(iter(self._waiters)).task
+        task: object = next(iter(self._waiters.values()))
         return task
 
     async def park(self, *, shielded: bool = False) -> object:
         """Wait until :meth:`unpark` hands this task a value; return it.
 
-        Always suspends. Cancelled before being woken, the task leaves the
-        queue and the cancellation propagates; woken and then cancelled before
-        it ran, the value goes to ``on_abandon`` and the cancellation
-        propagates. With ``shielded=True`` cancellation is ignored until the
-        task is woken (it is raised at the caller's next checkpoint).
+        Always suspends, with nothing before it: a task that parks has reached
+        its checkpoint. Cancelled before being woken, the task leaves the queue
+        and the cancellation propagates; woken and then cancelled before it
+        ran, the value goes to ``on_abandon`` and the cancellation propagates.
+
+        With ``shielded=True`` cancellation is ignored until the task is woken,
+        and is then raised at the task's next checkpoint, exactly once: on trio
+        the abort is refused; on asyncio the task waits on a future that
+        refuses to be cancelled, so a ``Task.cancel()`` only marks the task, and
+        the mark is set again (``uncancel()`` then ``cancel()``, so
+        ``cancelling()`` is unchanged) after the park has taken its value.
         """
-        if self._waiters is None:
-            self._waiters = {}
-        if current_backend() == "trio":
-            return await self._park_trio(shielded)
-        if shielded:
-            with anyio.CancelScope(shield=True):
-                return await self._park_asyncio()
-        return await self._park_asyncio()
-
-    async def _park_asyncio(self) -> object:
-        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(asyncio.current_task(), future)
-        assert self._waiters is not None
-        self._waiters[waiter] = None
+        waiters = self._waiters
+        if waiters is None:
+            waiters = self._waiters = {}
+        loop = _get_running_loop()
+        if loop is None:
+            return await _park_trio(waiters, shielded)
+        future: asyncio.Future[object] = (
+            _ShieldedFuture(loop=loop) if shielded else loop.create_future()
+        )
+        task = waiters[future] = asyncio_current_task(loop)
         try:
-            await future
-        except BaseException:
-            if waiter.granted:
-                self._on_abandon(waiter.value)
-            else:
-                self._discard(waiter)
+            return await future
+        except BaseException as exc:
+            if not future.done() or future.cancelled():
+                waiters.pop(future, None)  # not woken: leave as if never asked
+                raise
+            if shielded and isinstance(exc, asyncio.CancelledError):
+                # Woken, then the mark a cancel left was delivered: take the
+                # value and mark the task again for its next checkpoint.
+                assert task is not None  # a future is awaited by a task
+                task.uncancel()
+                task.cancel(exc.args[0] if exc.args else None)
+                return future.result()
+            self._on_abandon(future.result())
             raise
-        return waiter.value
-
-    async def _park_trio(self, shielded: bool) -> object:
-        trio = sys.modules["trio"]
-        waiter = _Waiter(trio.lowlevel.current_task(), None)
-        assert self._waiters is not None
-        self._waiters[waiter] = None
-
-        def abort(_: object) -> object:
-            if shielded:
-                return trio.lowlevel.Abort.FAILED  # stay parked until woken
-            self._discard(waiter)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        # trio never cancels a task it has rescheduled: no abandoned values.
-        await trio.lowlevel.wait_task_rescheduled(abort)
-        return waiter.value
-
-    def _discard(self, waiter: _Waiter) -> None:
-        if self._waiters is not None:
-            self._waiters.pop(waiter, None)
 
     def unpark(self, value: object = None) -> object | None:
         """Wake the longest waiter, handing it ``value``; never checkpoints.
@@ -156,24 +168,17 @@ class WaitQueue:
         """
         waiters = self._waiters
         while waiters:
-            waiter = next(iter(waiters))
-            del waiters[waiter]
-            if waiter.future is None or not waiter.future.done():
-                break
+            key = next(iter(waiters))
+            task: object = waiters.pop(key)
+            if key is task:  # trio
+                _trio_reschedule(task, value)
+                return task
+            future: asyncio.Future[object] = key  # type: ignore[assignment]
+            if not future.done():
+                future.set_result(value)
+                return task
             # Cancelled on asyncio and not yet run: it leaves by itself.
-        else:
-            return None
-        waiter.granted = True
-        waiter.value = value
-        future = waiter.future
-        if future is None:
-            import outcome  # trio's own dependency; only reached on trio
-
-            sys.modules["trio"].lowlevel.reschedule(waiter.task, outcome.Value(None))
-        else:
-            future.set_result(None)
-        task: object = waiter.task
-        return task
+        return None
 
     def unpark_all(self, value: object = None) -> int:
         """Wake every waiter, each with ``value``; return how many woke."""
