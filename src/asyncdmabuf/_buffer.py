@@ -117,7 +117,7 @@ class DmaBuf:
         self._state = _LIVE
         self._lock = FifoLock()
         self._attachments: list[Attachment] | None = None  # made on first attach
-        self._cpu = _cpu_access.CpuState()
+        self._cpu = _cpu_access.NO_CPU  # its own at the first CPU access
         self._file: int | None = None
         self._exported_fd = False
         self._file_key: tuple[int, int] | None = None
@@ -176,6 +176,13 @@ class DmaBuf:
         if self._resv is None:
             self._resv = Reservation()
         return self._resv
+
+    def _cpu_state(self) -> _cpu_access.CpuState:
+        """Return the buffer's own CPU access state, made at its first access."""
+        cpu = self._cpu
+        if cpu is _cpu_access.NO_CPU:
+            cpu = self._cpu = _cpu_access.CpuState()
+        return cpu
 
     def pending_resv(self) -> Reservation | None:
         """Return the reservation if one was ever made (None: no fence ever)."""
@@ -262,11 +269,12 @@ class DmaBuf:
 
     def _adopt_file(self, fd: int) -> None:
         dev, ino, _ = _fd.file_identity(fd)
-        if (dev, ino) in _by_file:
+        key = (dev, ino)  # one tuple, both the registry's key and ours
+        if key in _by_file:
             raise InvalidArgument(f"fd {fd} already belongs to a buffer")
         self._file = fd
-        self._file_key = (dev, ino)
-        _by_file[(dev, ino)] = self
+        self._file_key = key
+        _by_file[key] = self
 
     def _ensure_file(self) -> int:
         if self._file is None:
