@@ -52,19 +52,31 @@ _RELEASING = _State.RELEASING
 _RELEASED = _State.RELEASED
 
 
-#: Buffers by the identity of their file, for get(fd).
-_by_file: weakref.WeakValueDictionary[tuple[int, int], DmaBuf] = (
-    weakref.WeakValueDictionary()
-)
+#: Buffers by the identity of their file (:func:`_file_key`), for get(fd). Each
+#: entry is removed when its buffer's file is closed, at the last put or at
+#: garbage collection, so plain references do (a WeakValueDictionary's keyed
+#: ones cost more), and a dead one is an entry not yet removed.
+_by_file: dict[int, weakref.ref[DmaBuf]] = {}
 #: Buffers made without a file (until they need one). With ``_by_file``, every
 #: buffer not yet released, for bufinfo(): the kernel's db_list. One registry
 #: entry per buffer, not two: the registries are most of a buffer's cost.
 _fileless: weakref.WeakSet[DmaBuf] = weakref.WeakSet()
 
 
+def _file_key(dev: int, ino: int) -> int:
+    """Return one int for a file's identity (a ``(dev, ino)`` tuple costs more)."""
+    return dev << 64 | ino
+
+
+def _registered(key: int) -> DmaBuf | None:
+    """Return the live buffer whose file is ``key``, if there is one."""
+    ref = _by_file.get(key)
+    return None if ref is None else ref()
+
+
 def live_buffers() -> list[DmaBuf]:
     """Return every buffer of this process that has not been released."""
-    seen = {id(buf): buf for buf in list(_by_file.values())}
+    seen = {id(buf): buf for ref in list(_by_file.values()) if (buf := ref())}
     seen.update((id(buf), buf) for buf in list(_fileless))
     return [buf for buf in seen.values() if not buf.released]
 
@@ -120,7 +132,7 @@ class DmaBuf:
         self._cpu = _cpu_access.NO_CPU  # its own at the first CPU access
         self._file: int | None = None
         self._exported_fd = False
-        self._file_key: tuple[int, int] | None = None
+        self._file_key: int | None = None
         self._resv: Reservation | None = None
 
     # -- identity ---------------------------------------------------------------
@@ -165,7 +177,7 @@ class DmaBuf:
         self._check_live()
         self._ensure_file()
         assert self._file_key is not None
-        return self._file_key[1]
+        return self._file_key & (1 << 64) - 1
 
     @property
     def resv(self) -> Reservation:
@@ -269,12 +281,12 @@ class DmaBuf:
 
     def _adopt_file(self, fd: int) -> None:
         dev, ino, _ = _fd.file_identity(fd)
-        key = (dev, ino)  # one tuple, both the registry's key and ours
-        if key in _by_file:
+        key = _file_key(dev, ino)
+        if _registered(key) is not None:
             raise InvalidArgument(f"fd {fd} already belongs to a buffer")
         self._file = fd
         self._file_key = key
-        _by_file[key] = self
+        _by_file[key] = weakref.ref(self)
 
     def _ensure_file(self) -> int:
         if self._file is None:
@@ -307,8 +319,10 @@ class DmaBuf:
     def _close_file(self) -> None:
         fd, self._file = self._file, None
         key, self._file_key = self._file_key, None
-        if key is not None and _by_file.get(key) is self:
-            del _by_file[key]
+        if key is not None:
+            owner = _registered(key)
+            if owner is self or owner is None:  # None: ours, dead at collection
+                _by_file.pop(key, None)
         if fd is not None:
             os.close(fd)
 
@@ -565,7 +579,7 @@ def get(fd: int) -> DmaBuf:
 
 def get_classified(fd: int, info: FdInfo) -> DmaBuf:
     """:func:`get` of an fd already classified (``info`` is ``classify(fd)``)."""
-    buf = _by_file.get(info.key)
+    buf = _registered(_file_key(*info.key))
     if buf is not None and buf._state is not _RELEASED:
         return buf._get()
     from ._import import import_fd  # the built-in importer (it imports this module)

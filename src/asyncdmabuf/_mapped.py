@@ -97,34 +97,57 @@ def layout(address: int, size: int, device: Device) -> tuple[SgEntry, ...] | Non
 
 
 @final
-class MappedFile:
-    """The mapping of a buffer's file: its bytes, their address, their layouts."""
+class MappedFile(mmap.mmap):
+    """The mapping of a buffer's file (``MAP_SHARED``), and its layouts per device.
 
-    __slots__ = ("_layouts", "address", "mm", "size", "writable")
+    One object per buffer: the mapping itself, which knows whether it is
+    writable and remembers, once a device has attached, the table it needs.
+    Made by :func:`map_fd`.
+    """
 
-    def __init__(self, mm: mmap.mmap, size: int, writable: bool) -> None:
-        self.mm = mm
-        self.size = size
-        self.address = address_of(mm)
+    __slots__ = ("_layouts", "writable")
+
+    _layouts: dict[Device, tuple[SgEntry, ...] | None] | None
+    writable: bool
+
+    def __new__(cls, fd: int, size: int, *, writable: bool) -> MappedFile:
+        """Map the first ``size`` bytes of ``fd``, read-only unless ``writable``.
+
+        Raises:
+            OSError: The mapping failed.
+            ValueError: The file is smaller than ``size``.
+        """
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        self = super().__new__(cls, fd, size, mmap.MAP_SHARED, prot)
         self.writable = writable
-        self._layouts: dict[Device, tuple[SgEntry, ...] | None] = {}
+        self._layouts = None  # made at the first attach
+        return self
+
+    @property
+    def address(self) -> int:
+        """The address of the first byte in this process."""
+        return address_of(self)
 
     def layout_for(self, device: Device) -> tuple[SgEntry, ...] | None:
         """Return :func:`layout` of the mapping for ``device``, worked out once."""
-        try:
-            return self._layouts[device]
-        except KeyError:
-            pass
-        entries = layout(self.address, self.size, device)
-        if len(self._layouts) >= _LAYOUT_CACHE:
-            del self._layouts[next(iter(self._layouts))]
-        self._layouts[device] = entries
+        layouts = self._layouts
+        if layouts is None:
+            layouts = self._layouts = {}
+        else:
+            try:
+                return layouts[device]
+            except KeyError:
+                pass
+        entries = layout(self.address, len(self), device)
+        if len(layouts) >= _LAYOUT_CACHE:
+            del layouts[next(iter(layouts))]
+        layouts[device] = entries
         return entries
 
-    def close(self) -> None:
+    def unmap(self) -> None:
         """Unmap, unless a view still exports the bytes (then the view's end does)."""
         with contextlib.suppress(BufferError):
-            self.mm.close()
+            self.close()
 
 
 def map_fd(fd: int, size: int, *, writable: bool) -> MappedFile:
@@ -134,14 +157,12 @@ def map_fd(fd: int, size: int, *, writable: bool) -> MappedFile:
         InvalidArgument: The file is smaller than ``size`` (it shrank).
         DmaBufError: The mapping failed (``OutOfMemory`` for ENOMEM).
     """
-    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
     try:
-        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
+        return MappedFile(fd, size, writable=writable)
     except OSError as exc:
         raise from_oserror(exc, f"mapping {size} bytes of fd {fd}") from None
     except (ValueError, OverflowError):  # shorter than size, or beyond any size
         raise InvalidArgument(f"fd {fd} does not hold {size} bytes") from None
-    return MappedFile(mm, size, writable)
 
 
 def export_mapped(
@@ -164,7 +185,7 @@ def export_mapped(
     try:
         return export(exporter, size, backing, name, fd=fd)
     except BaseException:
-        backing.close()
+        backing.unmap()
         os.close(fd)
         raise
 
@@ -235,7 +256,7 @@ class MappedExporter(Exporter):
     def release(self, buf: DmaBuf) -> Awaitable[None] | None:
         """Unmap the memory; the kernel frees it when the last fd closes."""
         backing: MappedFile = buf.priv
-        backing.close()
+        backing.unmap()
         return None
 
     def begin_cpu_access(self, buf: DmaBuf, mode: CpuMode) -> Awaitable[None] | None:
@@ -252,4 +273,4 @@ class MappedExporter(Exporter):
     def vmap(self, buf: DmaBuf) -> memoryview:
         """Return a view of the mapped bytes."""
         backing: MappedFile = buf.priv
-        return memoryview(backing.mm)
+        return memoryview(backing)
