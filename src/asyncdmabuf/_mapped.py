@@ -13,7 +13,7 @@ import ctypes
 import mmap
 import os
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, ClassVar, final
+from typing import TYPE_CHECKING, Any, ClassVar, Self, final
 
 from ._buffer import export
 from ._errors import Busy, InvalidArgument, from_oserror
@@ -27,6 +27,7 @@ __all__ = [
     "MAX_TABLE_ENTRIES",
     "MappedExporter",
     "MappedFile",
+    "ReadOnlyMappedFile",
     "address_of",
     "export_mapped",
     "layout",
@@ -36,8 +37,6 @@ __all__ = [
 #: The most entries a table may have; a device whose segments are so small that
 #: it would need more is refused with Busy.
 MAX_TABLE_ENTRIES = 1 << 16
-#: How many devices' layouts one mapping remembers.
-_LAYOUT_CACHE = 8
 
 
 class _PyBuffer(ctypes.Structure):
@@ -96,31 +95,33 @@ def layout(address: int, size: int, device: Device) -> tuple[SgEntry, ...] | Non
     )
 
 
-@final
 class MappedFile(mmap.mmap):
-    """The mapping of a buffer's file (``MAP_SHARED``), and its layouts per device.
+    """The mapping of a buffer's file (``MAP_SHARED``), writable, and its layout.
 
-    One object per buffer: the mapping itself, which knows whether it is
-    writable and remembers, once a device has attached, the table it needs.
-    Made by :func:`map_fd`.
+    One object per buffer: the mapping itself, which remembers the table the
+    device that attached last needs (a buffer is mostly attached to one device
+    at a time; a dict of layouts would cost every attached buffer 64 bytes).
+    A read-only mapping is a :class:`ReadOnlyMappedFile`. Made by :func:`map_fd`.
     """
 
-    __slots__ = ("_layouts", "writable")
+    __slots__ = ("_device", "_entries")
 
-    _layouts: dict[Device, tuple[SgEntry, ...] | None] | None
-    writable: bool
+    #: Whether the bytes may be written through the mapping.
+    writable: ClassVar[bool] = True
 
-    def __new__(cls, fd: int, size: int, *, writable: bool) -> MappedFile:
-        """Map the first ``size`` bytes of ``fd``, read-only unless ``writable``.
+    _device: Device | None
+    _entries: tuple[SgEntry, ...] | None
+
+    def __new__(cls, fd: int, size: int) -> Self:
+        """Map the first ``size`` bytes of ``fd``.
 
         Raises:
             OSError: The mapping failed.
             ValueError: The file is smaller than ``size``.
         """
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if cls.writable else 0)
         self = super().__new__(cls, fd, size, mmap.MAP_SHARED, prot)
-        self.writable = writable
-        self._layouts = None  # made at the first attach
+        self._device = self._entries = None
         return self
 
     @property
@@ -129,25 +130,27 @@ class MappedFile(mmap.mmap):
         return address_of(self)
 
     def layout_for(self, device: Device) -> tuple[SgEntry, ...] | None:
-        """Return :func:`layout` of the mapping for ``device``, worked out once."""
-        layouts = self._layouts
-        if layouts is None:
-            layouts = self._layouts = {}
-        else:
-            try:
-                return layouts[device]
-            except KeyError:
-                pass
+        """Return :func:`layout` of the mapping for ``device`` (kept for the next)."""
+        if device is self._device:
+            return self._entries
         entries = layout(self.address, len(self), device)
-        if len(layouts) >= _LAYOUT_CACHE:
-            del layouts[next(iter(layouts))]
-        layouts[device] = entries
+        self._device = device
+        self._entries = entries
         return entries
 
     def unmap(self) -> None:
         """Unmap, unless a view still exports the bytes (then the view's end does)."""
         with contextlib.suppress(BufferError):
             self.close()
+
+
+@final
+class ReadOnlyMappedFile(MappedFile):
+    """A :class:`MappedFile` of bytes that may only be read."""
+
+    __slots__ = ()
+
+    writable: ClassVar[bool] = False
 
 
 def map_fd(fd: int, size: int, *, writable: bool) -> MappedFile:
@@ -158,7 +161,7 @@ def map_fd(fd: int, size: int, *, writable: bool) -> MappedFile:
         DmaBufError: The mapping failed (``OutOfMemory`` for ENOMEM).
     """
     try:
-        return MappedFile(fd, size, writable=writable)
+        return (MappedFile if writable else ReadOnlyMappedFile)(fd, size)
     except OSError as exc:
         raise from_oserror(exc, f"mapping {size} bytes of fd {fd}") from None
     except (ValueError, OverflowError):  # shorter than size, or beyond any size
