@@ -8,6 +8,10 @@ is released and the access ended, unless something still exports the view (a
 numpy array made from it): then the access stays open, so that no byte written
 through the live array is lost, and a later ``end_cpu_access(mode)`` ends it
 once the array is gone.
+
+Beginning is a checkpoint; then, with no fence pending, the lock free and the
+exporter's hooks plain functions (:func:`start`, :func:`stop`), the whole access
+runs synchronously: no other awaits, no cancel scope, no object but the view.
 """
 
 from __future__ import annotations

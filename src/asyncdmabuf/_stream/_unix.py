@@ -215,6 +215,7 @@ class UnixTransport:
                 waited = True
         if not waited:
             await anyio.lowlevel.cancel_shielded_checkpoint()
+            self._check_readable()  # closed meanwhile: what had come was dropped
         return self._ready.popleft()
 
     def _end(self) -> None:
