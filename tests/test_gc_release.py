@@ -112,3 +112,35 @@ async def test_gc_gives_a_simdevice_its_pinned_pages_back() -> None:
         sgt = att2.try_map(Direction.TO_DEVICE)
         await att2.unmap(sgt)
     await again.put()
+
+
+async def test_a_collected_buffer_leaves_no_entry_in_the_file_registry() -> None:
+    from asyncdmabuf._buffer import _by_file
+    from asyncdmabuf.exporters import MemfdExporter
+
+    before = len(_by_file)
+    buf = await MemfdExporter().allocate(4096)
+    assert len(_by_file) == before + 1
+    with _warns():
+        del buf
+        gc.collect()
+    assert len(_by_file) == before
+    assert all(ref() is not None for ref in _by_file.values())
+
+
+async def test_a_collected_buffer_in_a_cycle_leaves_no_entry_either() -> None:
+    # Collected as part of a cycle, its weak reference is dead before its
+    # finalizer runs: the finalizer still takes the entry out.
+    import os
+
+    from asyncdmabuf._buffer import _by_file
+
+    before = len(_by_file)
+    buf = Counting().make()
+    os.close(buf.fd())  # it has a file now, so an entry
+    assert len(_by_file) == before + 1
+    buf.priv = [buf]
+    with _warns():
+        del buf
+        gc.collect()
+    assert len(_by_file) == before

@@ -15,7 +15,7 @@ import asyncdmabuf as dmabuf
 from asyncdmabuf import Direction, Fence, Usage
 from asyncdmabuf.exporters import MemfdExporter, SimDevice
 
-from .helpers import assert_checkpoints, wait_all_blocked
+from .helpers import assert_checkpoints, assert_no_checkpoints, wait_all_blocked
 
 pytestmark = pytest.mark.anyio
 
@@ -220,3 +220,47 @@ async def test_another_process_sees_the_bytes_only_after_the_fence() -> None:
         os.close(buf_fd)
         os.close(fence_fd)
         await buf.put()
+
+
+async def test_a_fence_on_a_buffer_that_had_none_while_queued_is_waited_for() -> None:
+    # The access queues behind a held lock before the buffer has a reservation;
+    # the holder adds the first fence before it lets go: the access waits for it.
+    buf = await MemfdExporter().allocate(4096)
+    assert buf.pending_resv() is None
+    fence = Fence()
+    done: list[str] = []
+    assert buf._lock.acquire_nowait()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_access_after, buf, "r", done)
+        await wait_all_blocked()
+        buf.resv.add_fence(fence, Usage.WRITE)
+        buf._lock.release()
+        await wait_all_blocked()
+        assert done == []
+        fence.signal()
+    assert done == ["r"]
+    await buf.put()
+
+
+async def test_an_uncontended_cpu_access_checkpoints_at_entry_only() -> None:
+    buf = await MemfdExporter().allocate(4096)
+    access = buf.cpu_access("w")
+    async with assert_checkpoints():
+        view = await access.__aenter__()
+    view[:1] = b"x"
+    async with assert_no_checkpoints():
+        await access.__aexit__(None, None, None)
+    assert not buf.cpu_access_open
+    await buf.put()
+
+
+async def test_a_cancelled_scope_stops_cpu_access_at_its_checkpoint() -> None:
+    buf = await MemfdExporter().allocate(4096)
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        async with buf.cpu_access("w"):
+            pytest.fail("the access began in a cancelled scope")
+    assert scope.cancelled_caught
+    assert not buf.cpu_access_open
+    assert not buf._lock.locked()
+    await buf.put()

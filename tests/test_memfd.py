@@ -229,3 +229,38 @@ async def test_a_devices_layout_is_worked_out_once_per_buffer() -> None:
     async with buf, buf.attach(dev) as first, buf.attach(dev) as second:
         assert first.priv is second.priv
         assert len(first.priv) == 16
+
+
+async def test_devices_attached_in_turn_each_get_their_own_table() -> None:
+    buf = await MemfdExporter().allocate(3 * 4096)
+    small = dmabuf.Device("small", max_segment_size=4096)
+    whole = dmabuf.Device("whole")
+    unreachable = dmabuf.Device("low", dma_mask=0xFFFF)
+    for dev, entries in ((small, 3), (whole, 1), (small, 3), (whole, 1)):
+        att = await buf.attach(dev)
+        sgt = att.try_map(Direction.TO_DEVICE)
+        assert len(list(sgt)) == entries
+        await att.unmap(sgt)
+        await att.detach()
+    for _ in range(2):  # refused the same way, whether worked out or remembered
+        with pytest.raises(dmabuf.Busy, match="dma_mask"):
+            await buf.attach(unreachable)
+    await buf.put()
+
+
+async def test_a_read_only_mapping_refuses_writers() -> None:
+    from asyncdmabuf.lowlevel import map_fd
+
+    fd = os.memfd_create("ro")
+    try:
+        os.ftruncate(fd, 4096)
+        mapping = map_fd(fd, 4096, writable=False)
+        assert not mapping.writable
+        with pytest.raises(TypeError):
+            memoryview(mapping)[0] = 1
+        mapping.unmap()
+        writable = map_fd(fd, 4096, writable=True)
+        assert writable.writable
+        writable.unmap()
+    finally:
+        os.close(fd)

@@ -15,7 +15,6 @@ raised. The ``async with`` forms nest so that every undo still runs.
 
 from __future__ import annotations
 
-import enum
 import os
 import warnings
 import weakref
@@ -25,7 +24,7 @@ from typing import Any, final
 from . import _cpu_access, _fd
 from ._attachment import Attachment, MoveNotify, detach_if_attached
 from ._device import Device
-from ._errors import InvalidArgument
+from ._errors import DmaBufError, InvalidArgument
 from ._exporter import Exporter
 from ._fdkind import FdInfo, classify
 from ._lock import FifoLock, LockStatistics
@@ -39,32 +38,36 @@ from ._validate import check_cpu_mode, check_fd, check_int, check_name
 __all__ = ["DmaBuf", "export", "get"]
 
 
-class _State(enum.Enum):
-    LIVE = "live"
-    RELEASING = "releasing"
-    RELEASED = "released"
+#: A buffer's ``_refcount`` is also its state: at least 1 while it lives, 0
+#: while its last put releases it, then this (one slot less per buffer).
+_RELEASED = -1
 
 
-# Module constants: looking an enum member up on its class costs more than the
-# check it is for, on paths (try_map) that do little else.
-_LIVE = _State.LIVE
-_RELEASING = _State.RELEASING
-_RELEASED = _State.RELEASED
-
-
-#: Buffers by the identity of their file, for get(fd).
-_by_file: weakref.WeakValueDictionary[tuple[int, int], DmaBuf] = (
-    weakref.WeakValueDictionary()
-)
+#: Buffers by the identity of their file (:func:`_file_key`), for get(fd). Each
+#: entry is removed when its buffer's file is closed, at the last put or at
+#: garbage collection, so plain references do (a WeakValueDictionary's keyed
+#: ones cost more), and a dead one is an entry not yet removed.
+_by_file: dict[int, weakref.ref[DmaBuf]] = {}
 #: Buffers made without a file (until they need one). With ``_by_file``, every
 #: buffer not yet released, for bufinfo(): the kernel's db_list. One registry
 #: entry per buffer, not two: the registries are most of a buffer's cost.
 _fileless: weakref.WeakSet[DmaBuf] = weakref.WeakSet()
 
 
+def _file_key(dev: int, ino: int) -> int:
+    """Return one int for a file's identity (a ``(dev, ino)`` tuple costs more)."""
+    return dev << 64 | ino
+
+
+def _registered(key: int) -> DmaBuf | None:
+    """Return the live buffer whose file is ``key``, if there is one."""
+    ref = _by_file.get(key)
+    return None if ref is None else ref()
+
+
 def live_buffers() -> list[DmaBuf]:
     """Return every buffer of this process that has not been released."""
-    seen = {id(buf): buf for buf in list(_by_file.values())}
+    seen = {id(buf): buf for ref in list(_by_file.values()) if (buf := ref())}
     seen.update((id(buf), buf) for buf in list(_fileless))
     return [buf for buf in seen.values() if not buf.released]
 
@@ -95,13 +98,11 @@ class DmaBuf:
         "_exported_fd",
         "_exporter",
         "_file",
-        "_file_key",
         "_lock",
         "_name",
         "_refcount",
         "_resv",
         "_size",
-        "_state",
         "priv",
     )
 
@@ -113,14 +114,12 @@ class DmaBuf:
         #: The exporter's state for this buffer (the kernel's ``dmabuf->priv``).
         self.priv: Any = priv
         self._name = name
-        self._refcount = 1
-        self._state = _LIVE
+        self._refcount = 1  # and the state: see _RELEASED
         self._lock = FifoLock()
         self._attachments: list[Attachment] | None = None  # made on first attach
-        self._cpu = _cpu_access.CpuState()
+        self._cpu = _cpu_access.NO_CPU  # its own at the first CPU access
         self._file: int | None = None
         self._exported_fd = False
-        self._file_key: tuple[int, int] | None = None
         self._resv: Reservation | None = None
 
     # -- identity ---------------------------------------------------------------
@@ -143,12 +142,12 @@ class DmaBuf:
     @property
     def refcount(self) -> int:
         """How many gets (including the export) have not been put yet."""
-        return self._refcount
+        return max(self._refcount, 0)
 
     @property
     def released(self) -> bool:
         """True once the last put has released the buffer."""
-        return self._state is _RELEASED
+        return self._refcount == _RELEASED
 
     @property
     def attachments(self) -> tuple[Attachment, ...]:
@@ -163,9 +162,7 @@ class DmaBuf:
             InvalidArgument: The buffer has been released.
         """
         self._check_live()
-        self._ensure_file()
-        assert self._file_key is not None
-        return self._file_key[1]
+        return _fd.file_identity(self._ensure_file())[1]
 
     @property
     def resv(self) -> Reservation:
@@ -176,6 +173,13 @@ class DmaBuf:
         if self._resv is None:
             self._resv = Reservation()
         return self._resv
+
+    def _cpu_state(self) -> _cpu_access.CpuState:
+        """Return the buffer's own CPU access state, made at its first access."""
+        cpu = self._cpu
+        if cpu is _cpu_access.NO_CPU:
+            cpu = self._cpu = _cpu_access.CpuState()
+        return cpu
 
     def pending_resv(self) -> Reservation | None:
         """Return the reservation if one was ever made (None: no fence ever)."""
@@ -251,22 +255,26 @@ class DmaBuf:
         name = f" {self._name!r}" if self._name else ""
         return (
             f"<DmaBuf{name} {self._size} bytes, exporter={self._exporter.name!r}, "
-            f"refcount={self._refcount}, {self._state.value}>"
+            f"refcount={self.refcount}, {self._state_name()}>"
         )
 
     # -- files ------------------------------------------------------------------
 
+    def _state_name(self) -> str:
+        count = self._refcount
+        return "live" if count > 0 else "releasing" if count == 0 else "released"
+
     def _check_live(self) -> None:
-        if self._state is not _LIVE:
+        if self._refcount <= 0:
             raise InvalidArgument(f"{self!r} has been released")
 
     def _adopt_file(self, fd: int) -> None:
         dev, ino, _ = _fd.file_identity(fd)
-        if (dev, ino) in _by_file:
+        key = _file_key(dev, ino)
+        if _registered(key) is not None:
             raise InvalidArgument(f"fd {fd} already belongs to a buffer")
         self._file = fd
-        self._file_key = (dev, ino)
-        _by_file[(dev, ino)] = self
+        _by_file[key] = weakref.ref(self)
 
     def _ensure_file(self) -> int:
         if self._file is None:
@@ -298,11 +306,23 @@ class DmaBuf:
 
     def _close_file(self) -> None:
         fd, self._file = self._file, None
-        key, self._file_key = self._file_key, None
-        if key is not None and _by_file.get(key) is self:
+        if fd is None:
+            return
+        # The key is asked of the file again rather than kept (a slot less
+        # per buffer); a dead reference under it is ours, at collection.
+        try:
+            dev, ino, _ = _fd.file_identity(fd)
+        except DmaBufError:  # the fd was closed behind our back
+            dev = ino = -1
+        key = _file_key(dev, ino)
+        owner = _registered(key)
+        if owner is self or (owner is None and key in _by_file):
             del _by_file[key]
-        if fd is not None:
-            os.close(fd)
+        else:  # not found by its file: look for it
+            for key, ref in list(_by_file.items()):
+                if ref() is self:
+                    del _by_file[key]
+        os.close(fd)
 
     # -- refcount ---------------------------------------------------------------
 
@@ -328,8 +348,7 @@ class DmaBuf:
         if self._refcount:
             await lock.checkpoint()
             return
-        self._state = _RELEASING
-        _fileless.discard(self)
+        _fileless.discard(self)  # releasing: the refcount is 0
         leftovers = [att.device.name for att in self.attachments]
         errors: list[Exception] = []
         waited = await lock.acquire_shielded()
@@ -342,7 +361,7 @@ class DmaBuf:
             except Exception as exc:
                 errors.append(exc)
         finally:
-            self._state = _RELEASED
+            self._refcount = _RELEASED
             self._close_file()
             lock.release()
         if leftovers:
@@ -371,12 +390,12 @@ class DmaBuf:
         await self.put()
 
     def __del__(self) -> None:
-        if getattr(self, "_state", _RELEASED) is _RELEASED:
+        if getattr(self, "_refcount", _RELEASED) == _RELEASED:
             return
         # Garbage collection frees what the last put would have: the exporter
         # gets its memory back. Ops that never wait run now; one that would
         # wait cannot run without a loop, and the warning says so.
-        self._state = _RELEASED
+        self._refcount = _RELEASED
         errors: list[Exception] = []
         done = True
         try:
@@ -530,7 +549,7 @@ def export(
         try:
             buf._adopt_file(check_fd(fd))
         except BaseException:
-            buf._state = _RELEASED  # never handed out: no warning
+            buf._refcount = _RELEASED  # never handed out: no warning
             raise
     if fd is None:
         _fileless.add(buf)
@@ -557,8 +576,8 @@ def get(fd: int) -> DmaBuf:
 
 def get_classified(fd: int, info: FdInfo) -> DmaBuf:
     """:func:`get` of an fd already classified (``info`` is ``classify(fd)``)."""
-    buf = _by_file.get(info.key)
-    if buf is not None and buf._state is not _RELEASED:
+    buf = _registered(_file_key(*info.key))
+    if buf is not None and buf._refcount != _RELEASED:
         return buf._get()
     from ._import import import_fd  # the built-in importer (it imports this module)
 

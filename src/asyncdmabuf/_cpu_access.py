@@ -8,13 +8,18 @@ is released and the access ended, unless something still exports the view (a
 numpy array made from it): then the access stays open, so that no byte written
 through the live array is lost, and a later ``end_cpu_access(mode)`` ends it
 once the array is gone.
+
+Beginning is a checkpoint; then, with no fence pending, the lock free and the
+exporter's hooks plain functions (:func:`start`, :func:`stop`), the whole access
+runs synchronously: no other awaits, no cancel scope, no object but the view.
 """
 
 from __future__ import annotations
 
 import pickle
+from collections.abc import Awaitable, Coroutine
 from types import TracebackType
-from typing import TYPE_CHECKING, final
+from typing import TYPE_CHECKING, Any, final
 
 import anyio
 
@@ -26,7 +31,7 @@ from ._validate import check_cpu_mode
 if TYPE_CHECKING:
     from ._buffer import DmaBuf
 
-__all__ = ["CpuAccess", "CpuState"]
+__all__ = ["NO_CPU", "CpuAccess", "CpuState"]
 
 
 @final
@@ -52,47 +57,32 @@ class _Held:
 
 @final
 class CpuState:
-    """The CPU accesses open on one buffer, by mode, and the views left held."""
+    """The CPU accesses open on one buffer, by mode, and the views left held.
 
-    __slots__ = ("_counts", "_held")
+    A buffer shares :data:`NO_CPU` until its first access makes its own.
+    """
+
+    __slots__ = ("_held", "_open")
 
     def __init__(self) -> None:
-        # Made on first use: most buffers never see CPU access.
-        self._counts: dict[str, int] | None = None
+        # The mode of each open access, in the order they began: a list is
+        # cheaper to count up and down than a dict, and there are few.
+        self._open: list[str] = []
         self._held: list[_Held] | None = None
 
     def __bool__(self) -> bool:
-        return bool(self._counts)
+        return bool(self._open)
 
     def modes(self) -> tuple[str, ...]:
         """The modes open, each as often as it is open."""
-        counts = self._counts
-        if not counts:
-            return ()
-        return tuple(mode for mode, n in counts.items() for _ in range(n))
+        return tuple(self._open)
 
     def opened(self, mode: CpuMode) -> None:
-        counts = self._counts
-        if counts is None:
-            counts = self._counts = {}
-        counts[mode] = counts.get(mode, 0) + 1
-
-    def closing(self, mode: CpuMode) -> None:
-        """Count one access of ``mode`` as ended.
-
-        Raises:
-            InvalidArgument: None is open in that mode.
-        """
-        counts = self._counts
-        count = counts.get(mode, 0) if counts else 0
-        if not counts or not count:
-            raise InvalidArgument(f"end_cpu_access({mode!r}) without begin_cpu_access")
-        if count == 1:
-            del counts[mode]
-        else:
-            counts[mode] = count - 1
+        """Count one more access of ``mode`` as open."""
+        self._open.append(mode)
 
     def hold(self, held: _Held) -> None:
+        """Keep ``held`` until its view is no longer exported."""
         if self._held is None:
             self._held = []
         self._held.append(held)
@@ -107,43 +97,107 @@ class CpuState:
             InvalidArgument: No access of ``mode`` is open.
             BufferError: Each one's view is still exported.
         """
-        counts = self._counts
-        if not counts or not counts.get(mode):
+        count = self._open.count(mode)
+        if not count:
             raise InvalidArgument(f"end_cpu_access({mode!r}) without begin_cpu_access")
-        if not self._held:
-            return
-        still = [h for h in self._held if not h.try_release()]
-        self._held = still
-        if sum(h.mode == mode for h in still) >= counts[mode]:
-            raise BufferError(
-                f"the view of a {mode!r} CPU access is still exported "
-                "(a numpy array of it is alive): the access stays open"
-            )
+        if self._held:
+            still = [h for h in self._held if not h.try_release()]
+            self._held = still
+            if sum(h.mode == mode for h in still) >= count:
+                raise BufferError(
+                    f"the view of a {mode!r} CPU access is still exported "
+                    "(a numpy array of it is alive): the access stays open"
+                )
+
+    def end(self, mode: CpuMode) -> None:
+        """Count one access of ``mode`` as ended, if :meth:`check_end` allows."""
+        if self._held or mode not in self._open:
+            self.check_end(mode)
+        self._open.remove(mode)
 
     def drain(self) -> list[str]:
         """Forget every open access (the last put); return the modes they had."""
-        modes = list(self.modes())
-        self._counts = self._held = None
+        modes = self._open
+        if modes or self._held is not None:
+            self._open = []
+            self._held = None
         return modes
+
+
+#: The state of every buffer that has never been accessed: nothing open, and
+#: never written (a buffer's first access gives it its own).
+NO_CPU = CpuState()
 
 
 async def begin(buf: DmaBuf, mode: CpuMode) -> None:
     """Begin CPU access (see :meth:`DmaBuf.begin_cpu_access`)."""
     check_cpu_mode(mode)
     buf._check_live()
+    await buf._lock.checkpoint()
+    pending = start(buf, mode)
+    if pending is not None:
+        await pending
+
+
+def start(buf: DmaBuf, mode: CpuMode) -> Coroutine[Any, Any, None] | None:
+    """Begin CPU access, after the caller's checkpoint, at once if nothing waits.
+
+    With no fence to wait for, the lock free and the exporter's hook a plain
+    function, the access has begun when this returns None. Otherwise it
+    returns the coroutine that begins it, which the caller awaits at once.
+    """
+    resv = buf._resv
+    if resv is not None and not resv.test_for_cpu(mode):
+        return _begin_waiting(buf, mode)
+    lock = buf._lock
+    if not lock.acquire_nowait():
+        return _begin_waiting(buf, mode)
+    try:
+        buf._check_live()
+        result = buf._exporter.begin_cpu_access(buf, mode)
+    except BaseException:
+        lock.release()
+        raise
+    if result is not None:
+        return _begin_locked(buf, mode, result)
+    cpu = buf._cpu
+    if cpu is NO_CPU:
+        cpu = buf._cpu_state()
+    cpu.opened(mode)
+    lock.release()
+    return None
+
+
+async def _begin_locked(buf: DmaBuf, mode: CpuMode, result: Awaitable[None]) -> None:
+    """Complete an exporter's hook that waits; the lock is held and released here."""
+    try:
+        await result
+        buf._cpu_state().opened(mode)
+    finally:
+        buf._lock.release()
+
+
+async def _begin_waiting(buf: DmaBuf, mode: CpuMode) -> None:
+    """Begin behind pending fences or a held lock (the caller has checkpointed).
+
+    The fences are waited for without the lock; holding it, they are checked
+    again, since one may have come while this task queued.
+    """
     lock = buf._lock
     while True:
-        resv = buf.pending_resv()
+        resv = buf._resv
         if resv is not None and not resv.test_for_cpu(mode):
             await resv.wait_for_cpu(mode)
-        await lock.acquire()
+        if not lock.acquire_nowait():
+            await lock.wait_turn()
+        resv = buf._resv
         if resv is None or resv.test_for_cpu(mode):
             break
         lock.release()  # a fence came while we queued: wait again
     try:
         buf._check_live()
-        await complete(buf.exporter.begin_cpu_access(buf, mode))
-        buf._cpu.opened(mode)
+        await complete(buf._exporter.begin_cpu_access(buf, mode))
+        buf._cpu_state().opened(mode)
     finally:
         lock.release()
 
@@ -155,23 +209,66 @@ async def end(buf: DmaBuf, mode: CpuMode) -> bool:
         Whether it waited for the lock.
     """
     check_cpu_mode(mode)
+    pending = stop(buf, mode)
+    return False if pending is None else await pending
+
+
+def stop(buf: DmaBuf, mode: CpuMode) -> Coroutine[Any, Any, bool] | None:
+    """End CPU access at once if the lock is free and the exporter's hook plain.
+
+    Returns None when the access has ended; otherwise the coroutine that ends
+    it (shielded: it always completes), which the caller awaits at once and
+    which returns whether it waited for the lock.
+
+    Raises:
+        InvalidArgument: No access of ``mode`` is open.
+        BufferError: Each one's view is still exported.
+    """
+    lock = buf._lock
+    if not lock.acquire_nowait():
+        return _end_waiting(buf, mode)
+    try:
+        buf._cpu.end(mode)
+        result = buf._exporter.end_cpu_access(buf, mode)
+    except BaseException:
+        lock.release()
+        raise
+    if result is None:
+        lock.release()
+        return None
+    return _end_locked(buf, result)
+
+
+async def _end_locked(buf: DmaBuf, result: Awaitable[None]) -> bool:
+    """Complete an exporter's end hook that waits, shielded; release the lock."""
+    try:
+        await run_undo(result)
+    finally:
+        buf._lock.release()
+    return False
+
+
+async def _end_waiting(buf: DmaBuf, mode: CpuMode) -> bool:
+    """End behind a held lock: check, queue for it shielded, end under it.
+
+    Nothing to end, or every view still exported, raises before it queues.
+    """
     buf._cpu.check_end(mode)
     lock = buf._lock
-    waited = await lock.acquire_shielded()
+    await lock.wait_turn(shielded=True)
     try:
-        buf._cpu.check_end(mode)
-        buf._cpu.closing(mode)
-        await run_undo(buf.exporter.end_cpu_access(buf, mode))
+        buf._cpu.end(mode)
+        await run_undo(buf._exporter.end_cpu_access(buf, mode))
     finally:
         lock.release()
-    return waited
+    return True
 
 
 async def end_all(buf: DmaBuf, errors: list[Exception]) -> None:
     """End every open access (the last put); the lock is held."""
     for mode in buf._cpu.drain():
         try:
-            await run_undo(buf.exporter.end_cpu_access(buf, check_cpu_mode(mode)))
+            await run_undo(buf._exporter.end_cpu_access(buf, check_cpu_mode(mode)))
         except Exception as exc:
             errors.append(exc)
 
@@ -182,7 +279,7 @@ def end_all_sync(buf: DmaBuf, errors: list[Exception]) -> bool:
     for mode in buf._cpu.drain():
         try:
             done &= run_undo_sync(
-                buf.exporter.end_cpu_access(buf, check_cpu_mode(mode))
+                buf._exporter.end_cpu_access(buf, check_cpu_mode(mode))
             )
         except Exception as exc:
             errors.append(exc)
@@ -196,7 +293,11 @@ class CpuAccess:
     The view handed out is a re-export (through :class:`pickle.PickleBuffer`)
     of a view private to this access, so that on exit the private view can
     tell whether anything derived from the handed-out one (a numpy array, a
-    ctypes object) still holds the memory.
+    ctypes object, a slice) still holds the memory.
+
+    Uncontended, with no fence pending and the exporter's hooks plain
+    functions, the entry is one checkpoint and the exit none: everything else
+    runs synchronously.
     """
 
     __slots__ = ("_base", "_buf", "_mode", "_view")
@@ -209,19 +310,24 @@ class CpuAccess:
 
     async def __aenter__(self) -> memoryview:
         buf = self._buf
-        await begin(buf, self._mode)
+        mode = self._mode
+        await buf._lock.checkpoint()
+        pending = start(buf, mode)
+        if pending is not None:
+            await pending
         try:
-            base = buf.exporter.vmap(buf)
-            if self._mode == "r":
+            base = buf._exporter.vmap(buf)
+            if mode == "r":
                 readonly = base.toreadonly()
                 base.release()
                 base = readonly
             view = memoryview(pickle.PickleBuffer(base))
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await end(buf, self._mode)
+                await end(buf, mode)
             raise
-        self._base, self._view = base, view
+        self._base = base
+        self._view = view
         return view
 
     async def __aexit__(
@@ -230,23 +336,41 @@ class CpuAccess:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        base, view = self._base, self._view
-        self._base = self._view = None
+        base = self._base
+        view = self._view
         if base is not None and view is not None:
-            held = _Held(self._mode, base, view)
-            if not held.try_release():
-                # Something still writes or reads through the view: keep the
-                # access open (pinned, resident) rather than lose those bytes.
-                self._buf._cpu.hold(held)
-                message = (
-                    f"the view of {self._buf!r} is still exported (a numpy array "
-                    f"of it is alive): the {self._mode!r} CPU access stays open "
-                    f"until end_cpu_access({self._mode!r}) or the last put"
-                )
-                if exc is not None:
-                    exc.add_note(message)
-                    return  # the body's own exception propagates unchanged
-                raise BufferError(message)
+            self._base = self._view = None
+            try:
+                view.release()
+                base.release()
+            except BufferError:
+                self._keep_open(base, view, exc)
+                return  # the body's own exception propagates unchanged
         # Like trio's ``async with lock``, the block's checkpoint was at entry:
         # the exit ends the access (waiting, shielded, only if contended).
-        await end(self._buf, self._mode)
+        pending = stop(self._buf, self._mode)
+        if pending is not None:
+            await pending
+
+    def _keep_open(
+        self, base: memoryview, view: memoryview, exc: BaseException | None
+    ) -> None:
+        """Something still reads or writes through the view: keep the access open.
+
+        The buffer stays pinned and resident rather than lose those bytes.
+
+        Raises:
+            BufferError: The block succeeded (``exc`` is None); otherwise a note
+                is added to ``exc`` and this returns, for it to propagate.
+        """
+        buf = self._buf
+        mode = self._mode
+        buf._cpu.hold(_Held(mode, base, view))
+        message = (
+            f"the view of {buf!r} is still exported (a numpy array "
+            f"of it is alive): the {mode!r} CPU access stays open "
+            f"until end_cpu_access({mode!r}) or the last put"
+        )
+        if exc is None:
+            raise BufferError(message)
+        exc.add_note(message)

@@ -13,7 +13,7 @@ import ctypes
 import mmap
 import os
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, ClassVar, final
+from typing import TYPE_CHECKING, Any, ClassVar, Self, final
 
 from ._buffer import export
 from ._errors import Busy, InvalidArgument, from_oserror
@@ -27,6 +27,7 @@ __all__ = [
     "MAX_TABLE_ENTRIES",
     "MappedExporter",
     "MappedFile",
+    "ReadOnlyMappedFile",
     "address_of",
     "export_mapped",
     "layout",
@@ -36,8 +37,6 @@ __all__ = [
 #: The most entries a table may have; a device whose segments are so small that
 #: it would need more is refused with Busy.
 MAX_TABLE_ENTRIES = 1 << 16
-#: How many devices' layouts one mapping remembers.
-_LAYOUT_CACHE = 8
 
 
 class _PyBuffer(ctypes.Structure):
@@ -96,35 +95,62 @@ def layout(address: int, size: int, device: Device) -> tuple[SgEntry, ...] | Non
     )
 
 
-@final
-class MappedFile:
-    """The mapping of a buffer's file: its bytes, their address, their layouts."""
+class MappedFile(mmap.mmap):
+    """The mapping of a buffer's file (``MAP_SHARED``), writable, and its layout.
 
-    __slots__ = ("_layouts", "address", "mm", "size", "writable")
+    One object per buffer: the mapping itself, which remembers the table the
+    device that attached last needs (a buffer is mostly attached to one device
+    at a time; a dict of layouts would cost every attached buffer 64 bytes).
+    A read-only mapping is a :class:`ReadOnlyMappedFile`. Made by :func:`map_fd`.
+    """
 
-    def __init__(self, mm: mmap.mmap, size: int, writable: bool) -> None:
-        self.mm = mm
-        self.size = size
-        self.address = address_of(mm)
-        self.writable = writable
-        self._layouts: dict[Device, tuple[SgEntry, ...] | None] = {}
+    __slots__ = ("_device", "_entries")
+
+    #: Whether the bytes may be written through the mapping.
+    writable: ClassVar[bool] = True
+
+    _device: Device | None
+    _entries: tuple[SgEntry, ...] | None
+
+    def __new__(cls, fd: int, size: int) -> Self:
+        """Map the first ``size`` bytes of ``fd``.
+
+        Raises:
+            OSError: The mapping failed.
+            ValueError: The file is smaller than ``size``.
+        """
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if cls.writable else 0)
+        self = super().__new__(cls, fd, size, mmap.MAP_SHARED, prot)
+        self._device = self._entries = None
+        return self
+
+    @property
+    def address(self) -> int:
+        """The address of the first byte in this process."""
+        return address_of(self)
 
     def layout_for(self, device: Device) -> tuple[SgEntry, ...] | None:
-        """Return :func:`layout` of the mapping for ``device``, worked out once."""
-        try:
-            return self._layouts[device]
-        except KeyError:
-            pass
-        entries = layout(self.address, self.size, device)
-        if len(self._layouts) >= _LAYOUT_CACHE:
-            del self._layouts[next(iter(self._layouts))]
-        self._layouts[device] = entries
+        """Return :func:`layout` of the mapping for ``device`` (kept for the next)."""
+        if device is self._device:
+            return self._entries
+        entries = layout(self.address, len(self), device)
+        self._device = device
+        self._entries = entries
         return entries
 
-    def close(self) -> None:
+    def unmap(self) -> None:
         """Unmap, unless a view still exports the bytes (then the view's end does)."""
         with contextlib.suppress(BufferError):
-            self.mm.close()
+            self.close()
+
+
+@final
+class ReadOnlyMappedFile(MappedFile):
+    """A :class:`MappedFile` of bytes that may only be read."""
+
+    __slots__ = ()
+
+    writable: ClassVar[bool] = False
 
 
 def map_fd(fd: int, size: int, *, writable: bool) -> MappedFile:
@@ -134,14 +160,12 @@ def map_fd(fd: int, size: int, *, writable: bool) -> MappedFile:
         InvalidArgument: The file is smaller than ``size`` (it shrank).
         DmaBufError: The mapping failed (``OutOfMemory`` for ENOMEM).
     """
-    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
     try:
-        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
+        return (MappedFile if writable else ReadOnlyMappedFile)(fd, size)
     except OSError as exc:
         raise from_oserror(exc, f"mapping {size} bytes of fd {fd}") from None
     except (ValueError, OverflowError):  # shorter than size, or beyond any size
         raise InvalidArgument(f"fd {fd} does not hold {size} bytes") from None
-    return MappedFile(mm, size, writable)
 
 
 def export_mapped(
@@ -164,7 +188,7 @@ def export_mapped(
     try:
         return export(exporter, size, backing, name, fd=fd)
     except BaseException:
-        backing.close()
+        backing.unmap()
         os.close(fd)
         raise
 
@@ -235,7 +259,7 @@ class MappedExporter(Exporter):
     def release(self, buf: DmaBuf) -> Awaitable[None] | None:
         """Unmap the memory; the kernel frees it when the last fd closes."""
         backing: MappedFile = buf.priv
-        backing.close()
+        backing.unmap()
         return None
 
     def begin_cpu_access(self, buf: DmaBuf, mode: CpuMode) -> Awaitable[None] | None:
@@ -252,4 +276,4 @@ class MappedExporter(Exporter):
     def vmap(self, buf: DmaBuf) -> memoryview:
         """Return a view of the mapped bytes."""
         backing: MappedFile = buf.priv
-        return memoryview(backing.mm)
+        return memoryview(backing)
