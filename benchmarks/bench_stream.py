@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -47,6 +48,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 from rich.console import Console
 from rich.table import Table
 
@@ -82,7 +84,9 @@ def _run(backend: str, func: Callable[..., Any], *args: Any) -> Any:
     return anyio.run(func, *args, backend=name, backend_options=options)
 
 
-def _fork(target: Callable[..., None], *args: Any) -> multiprocessing.process.BaseProcess:
+def _fork(
+    target: Callable[..., None], *args: Any
+) -> multiprocessing.process.BaseProcess:
     ctx = multiprocessing.get_context("fork")
     proc = ctx.Process(target=target, args=args, daemon=True)
     proc.start()
@@ -118,9 +122,8 @@ def latency_peer(
         stream = await anyio.abc.UNIXSocketStream.from_socket(sock)
         async with await subscribe(stream, queue=1) as sub:
             async for frame in sub:
-                async with frame:
-                    async with frame.buffer.cpu_access("r") as view:
-                        view[0] ^ view[-1]  # noqa: B018 - touch the bytes
+                async with frame, frame.buffer.cpu_access("r") as view:
+                    view[0] ^ view[-1]
 
     async def serve() -> None:
         async with anyio.create_task_group() as tg:
@@ -159,7 +162,7 @@ def iox_peer(prefix: str, sizes: tuple[int, ...], ready: Any) -> None:
     """Wait for each sample, read its first and last byte, drop it, notify back."""
     if ready.recv_bytes() != b"go":  # the publisher made the services
         return
-    import iceoryx2 as iox
+    import iceoryx2 as iox  # type: ignore[import-untyped]
 
     iox.set_log_level(iox.LogLevel.Error)
     node = iox.NodeBuilder.new().create(iox.ServiceType.Ipc)
@@ -202,7 +205,7 @@ def iox_peer(prefix: str, sizes: tuple[int, ...], ready: Any) -> None:
             listener.blocking_wait()
             while (sample := sub.receive()) is not None:
                 payload = sample.payload()
-                payload[0] ^ payload[payload.len() - 1]  # noqa: B018
+                payload[0] ^ payload[payload.len() - 1]
                 sample.delete()
                 notifier.notify()
                 done += 1
@@ -263,7 +266,9 @@ class _Iox:
         try:
             import iceoryx2 as iox
         except ImportError as exc:
-            self.error = f"iceoryx2 not installed ({exc}): pip install 'asyncdmabuf[bench]'"
+            self.error = (
+                f"iceoryx2 not installed ({exc}): pip install 'asyncdmabuf[bench]'"
+            )
             return
         prefix = f"asyncdmabuf-bench-{os.getpid()}"
         ctx = multiprocessing.get_context("fork")
@@ -409,8 +414,7 @@ async def _time_latency(
             frame.release()
 
         jobs: list[Callable[[], Any]] = [time_bare]
-        for i, size in enumerate(SIZES):
-            jobs.append(lambda i=i: time_stream(i))
+        jobs.extend(functools.partial(time_stream, i) for i in range(len(SIZES)))
         for size in SIZES:
 
             async def shm_job(size: int = size) -> None:
@@ -495,9 +499,8 @@ def throughput_peer(conn: multiprocessing.connection.Connection, backend: str) -
             async for frame in sub:
                 if not count:
                     start = time.perf_counter()
-                async with frame:
-                    async with frame.buffer.cpu_access("r") as view:
-                        view[0] ^ view[-1]  # noqa: B018
+                async with frame, frame.buffer.cpu_access("r") as view:
+                    view[0] ^ view[-1]
                 count += 1
             return count, time.perf_counter() - start
 
@@ -522,10 +525,9 @@ async def _publish(path: str, conns: list[Any], frames: int) -> tuple[float, flo
     async with await Publisher.bind(path, MemfdExporter(), LAYOUT, buffers=4) as pub:
         for conn in conns:
             conn.send_bytes(path.encode())
-        for conn in conns:
-            conn.recv_bytes()
-        while len(pub.subscribers) < len(conns):
-            await anyio.sleep(0.001)
+        for conn in conns:  # each has its welcome: the publisher counts it
+            await anyio.to_thread.run_sync(conn.recv_bytes)
+        assert len(pub.subscribers) == len(conns)
         warm = 16
         for i in range(frames + warm):
             if i == warm:
@@ -591,22 +593,50 @@ def latency_rows(lat: Latency) -> list[Row]:
         goal, met = goal_le(ratio, LATENCY_GOAL)
         label = human(size)
         rows.append(
-            Row(group, f"{label}: frame vs bare 16-byte round trip", fmt_us(ours),
-                fmt_us(lat.bare), ratio, goal, met)
+            Row(
+                group,
+                f"{label}: frame vs bare 16-byte round trip",
+                fmt_us(ours),
+                fmt_us(lat.bare),
+                ratio,
+                goal,
+                met,
+            )
         )
         if lat.iox is not None:
             rows.append(
-                Row(group, f"{label}: frame vs iceoryx2 sample+event", fmt_us(ours),
-                    fmt_us(lat.iox[size]), ours / lat.iox[size], "", None)
+                Row(
+                    group,
+                    f"{label}: frame vs iceoryx2 sample+event",
+                    fmt_us(ours),
+                    fmt_us(lat.iox[size]),
+                    ours / lat.iox[size],
+                    "",
+                    None,
+                )
             )
         else:
             rows.append(
-                Row(group, f"{label}: vs iceoryx2: {lat.iox_error}", fmt_us(ours),
-                    "-", 0.0, "", None)
+                Row(
+                    group,
+                    f"{label}: vs iceoryx2: {lat.iox_error}",
+                    fmt_us(ours),
+                    "-",
+                    0.0,
+                    "",
+                    None,
+                )
             )
         rows.append(
-            Row(group, f"{label}: frame vs shared_memory + Pipe", fmt_us(ours),
-                fmt_us(lat.shm[size]), ours / lat.shm[size], "", None)
+            Row(
+                group,
+                f"{label}: frame vs shared_memory + Pipe",
+                fmt_us(ours),
+                fmt_us(lat.shm[size]),
+                ours / lat.shm[size],
+                "",
+                None,
+            )
         )
     return rows
 
@@ -618,13 +648,33 @@ def throughput_rows(backend: str, one: Throughput, four: Throughput) -> list[Row
     met = rate_ratio >= 1 if backend == "uvloop" else None
     fan = four.rate / one.rate
     return [
-        Row(group, "1080p XR24, 4 buffers: frames/s to 1 subscriber vs 5,000/s",
-            f"{one.rate:,.0f}/s", f"{RATE_GOAL:,.0f}/s", rate_ratio,
-            ">= 1x" if backend == "uvloop" else "", met),
-        Row(group, "each of 4 subscribers vs 1 subscriber", f"{four.rate:,.0f}/s",
-            f"{one.rate:,.0f}/s", fan, f">= {FANOUT_GOAL:g}x", fan >= FANOUT_GOAL),
-        Row(group, "publisher CPU per frame: 4 subscribers vs 1", fmt_us(four.cpu),
-            fmt_us(one.cpu), four.cpu / one.cpu, "", None),
+        Row(
+            group,
+            "1080p XR24, 4 buffers: frames/s to 1 subscriber vs 5,000/s",
+            f"{one.rate:,.0f}/s",
+            f"{RATE_GOAL:,.0f}/s",
+            rate_ratio,
+            ">= 1x" if backend == "uvloop" else "",
+            met,
+        ),
+        Row(
+            group,
+            "each of 4 subscribers vs 1 subscriber",
+            f"{four.rate:,.0f}/s",
+            f"{one.rate:,.0f}/s",
+            fan,
+            f">= {FANOUT_GOAL:g}x",
+            fan >= FANOUT_GOAL,
+        ),
+        Row(
+            group,
+            "publisher CPU per frame: 4 subscribers vs 1",
+            fmt_us(four.cpu),
+            fmt_us(one.cpu),
+            four.cpu / one.cpu,
+            "",
+            None,
+        ),
     ]
 
 
@@ -675,8 +725,13 @@ def main(argv: list[str] | None = None) -> int:
     result = run(backends, rounds, reps, frames, on)
     for row in result:
         table.add_row(
-            row.group, row.what, row.ours, row.baseline, f"{row.ratio:.3g}x",
-            row.goal, "" if row.met is None else ("yes" if row.met else "NO"),
+            row.group,
+            row.what,
+            row.ours,
+            row.baseline,
+            f"{row.ratio:.3g}x",
+            row.goal,
+            "" if row.met is None else ("yes" if row.met else "NO"),
         )
     console = Console(width=160)
     console.print(table)

@@ -186,21 +186,28 @@ class Subscriber(anyio.abc.ObjectReceiveStream[Frame]):
             InvalidArgument: The publisher sent something invalid; it is
                 disconnected and every fd that came is closed.
         """
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        self._check()
+        transport = self._transport
         try:
             try:
-                data, fds = self._transport.receive_nowait()
-            except Busy:
-                self._flush_credits()
-                data, fds = await self._transport.receive()
-                return self._accept(data, fds)
+                self._check()
+            except BaseException:
+                await anyio.lowlevel.checkpoint_if_cancelled()
+                raise
+            if transport.poll_nowait():
+                # A frame (or the end) is there: the checkpoint comes before
+                # anything is taken, so a cancelled receive takes nothing.
+                await anyio.lowlevel.checkpoint()
+                self._check()
+                if transport.poll_nowait():
+                    return self._accept(*transport.receive_nowait())
+            # Nothing there: credits go back before waiting (the publisher
+            # may be waiting for them), then one wait.
+            self._flush_credits()
+            data, fds = await transport.receive()
         except anyio.EndOfStream:
             self._ended = True
             raise
-        frame = self._accept(data, fds)
-        await anyio.lowlevel.cancel_shielded_checkpoint()
-        return frame
+        return self._accept(data, fds)
 
     def _accept(self, data: bytes, fds: list[int]) -> Frame:
         try:

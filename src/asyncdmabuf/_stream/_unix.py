@@ -64,6 +64,7 @@ class UnixTransport:
         "_broken",
         "_buffer",
         "_closed",
+        "_drained",
         "_eof",
         "_held",
         "_out",
@@ -98,6 +99,8 @@ class UnixTransport:
         self._broken: BaseException | None = None
         self._send_broke = False  # broken by a send only: what came can be read
         self._closed = False
+        #: The last read found nothing: a receive() waits before reading again.
+        self._drained = False
 
     @property
     def peer(self) -> PeerCredentials:
@@ -192,6 +195,20 @@ class UnixTransport:
 
     # -- receiving ----------------------------------------------------------------
 
+    def poll_nowait(self) -> bool:
+        """Read what has arrived; True if :meth:`receive_nowait` would not be Busy.
+
+        Nothing is taken: a whole message waits, or the end or an error is
+        there to be raised. Errors of the read itself are raised now.
+        """
+        while not self._ready:
+            if self._closed or self._eof or self._broken is not None:
+                return True
+            if not self._read():
+                self._drained = True
+                return False
+        return True
+
     def receive_nowait(self) -> tuple[bytes, list[int]]:
         """Return the next message if a whole one has arrived."""
         while not self._ready:
@@ -199,18 +216,25 @@ class UnixTransport:
             if self._eof:
                 self._end()
             if not self._read():
+                self._drained = True
                 raise Busy("no message has arrived")
         return self._ready.popleft()
 
     async def receive(self) -> tuple[bytes, list[int]]:
         """Wait for the next whole message; a checkpoint."""
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        waited = False
+        waited = bool(self._ready)
+        if waited:
+            await anyio.lowlevel.checkpoint()  # nothing taken yet: one yield
+        else:
+            await anyio.lowlevel.checkpoint_if_cancelled()
         while not self._ready:
             self._check_readable()
             if self._eof:
                 self._end()
-            if not self._read():
+            # Right after a read that found nothing, wait first: one recvmsg
+            # that would fail again is saved.
+            if self._drained or not self._read():
+                self._drained = False
                 await anyio.wait_readable(self._sock)
                 waited = True
         if not waited:
