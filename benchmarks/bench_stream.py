@@ -21,7 +21,7 @@ Throughput: 1920x1080 XR24 frames (``FrameLayout.for_format``), 4 buffers
 pipelined, to 1 and to 4 subscriber processes (``queue=4``, ``"block"``),
 the publisher writing and each subscriber reading the first and last byte of
 every frame through ``cpu_access``; each subscriber's frames/s, and the
-publisher's CPU time per frame (``os.times``). Run::
+publisher's CPU time per frame (``resource.getrusage``). Run::
 
     python benchmarks/bench_stream.py                 # every backend, 7 rounds
     python benchmarks/bench_stream.py --backend uvloop --rounds 9
@@ -37,6 +37,7 @@ import functools
 import multiprocessing
 import multiprocessing.connection
 import os
+import resource
 import socket
 import statistics
 import sys
@@ -504,11 +505,29 @@ def throughput_peer(conn: multiprocessing.connection.Connection, backend: str) -
                 count += 1
             return count, time.perf_counter() - start
 
+    async def echo(path: str) -> tuple[int, float]:
+        async with await anyio.connect_unix(path) as stream:
+            count = 0
+            pending = 0
+            start = time.perf_counter()
+            while True:
+                try:
+                    pending += len(await stream.receive())
+                except anyio.EndOfStream:
+                    return count, time.perf_counter() - start
+                while pending >= BARE:  # one "release" per "frame" message
+                    pending -= BARE
+                    count += 1
+                    await stream.send(b"r" * BARE)
+
     while True:
         path = conn.recv_bytes()
         if not path:
             return
-        count, elapsed = _run(backend, consume, path.decode())
+        if path.startswith(b"bare:"):
+            count, elapsed = _run(backend, echo, "\0" + path[6:].decode())
+        else:
+            count, elapsed = _run(backend, consume, path.decode())
         conn.send_bytes(f"{count} {elapsed}".encode())
 
 
@@ -521,6 +540,11 @@ class Throughput:
     cpu: float
 
 
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 async def _publish(path: str, conns: list[Any], frames: int) -> tuple[float, float]:
     async with await Publisher.bind(path, MemfdExporter(), LAYOUT, buffers=4) as pub:
         for conn in conns:
@@ -531,7 +555,7 @@ async def _publish(path: str, conns: list[Any], frames: int) -> tuple[float, flo
         warm = 16
         for i in range(frames + warm):
             if i == warm:
-                t0, c0 = time.perf_counter(), os.times()
+                t0, c0 = time.perf_counter(), _cpu()
             frame = await pub.loan()
             async with frame.buffer.cpu_access("w") as view:
                 view[0] = view[-1] = i & 0xFF
@@ -539,15 +563,36 @@ async def _publish(path: str, conns: list[Any], frames: int) -> tuple[float, flo
             await pub.send(frame)
         for _ in range(4):  # every buffer back: every frame released
             await pub.loan()
-        t1, c1 = time.perf_counter(), os.times()
-    cpu = (c1.user - c0.user) + (c1.system - c0.system)
-    return frames / (t1 - t0), cpu / frames
+        t1, c1 = time.perf_counter(), _cpu()
+    return frames / (t1 - t0), (c1 - c0) / frames
+
+
+async def _publish_bare(path: str, conn: Any, frames: int) -> tuple[float, float]:
+    """The floor: a 16-byte message each way per frame, 4 in flight, no buffers."""
+    async with await anyio.create_unix_listener("\0" + path[1:]) as listener:
+        conn.send_bytes(b"bare:" + path.encode())
+        async with await listener.accept() as stream:
+            message = b"f" * BARE
+            total = frames + 16
+            sent = done = pending = 0
+            t0, c0 = time.perf_counter(), _cpu()
+            while done < total:
+                if done == 16:
+                    t0, c0 = time.perf_counter(), _cpu()
+                while sent < total and sent - done < 4:
+                    await stream.send(message)
+                    sent += 1
+                pending += len(await stream.receive())
+                done += pending // BARE
+                pending %= BARE
+            t1, c1 = time.perf_counter(), _cpu()
+    return frames / (t1 - t0), (c1 - c0) / frames
 
 
 def measure_throughput(
     backend: str, rounds: int, frames: int
-) -> tuple[Throughput, Throughput]:
-    """1 → 1 and 1 → 4 subscriber processes, in alternating rounds (medians)."""
+) -> tuple[Throughput, Throughput, Throughput]:
+    """1 → 1 and 1 → 4 subscriber processes, and the bare floor, alternating."""
     ctx = multiprocessing.get_context("fork")
     conns = []
     peers = []
@@ -556,13 +601,17 @@ def measure_throughput(
         peers.append(_fork(throughput_peer, theirs, backend))
         theirs.close()
         conns.append(mine)
-    results: dict[int, list[tuple[float, float]]] = {1: [], 4: []}
+    results: dict[int, list[tuple[float, float]]] = {0: [], 1: [], 4: []}
     try:
         for r in range(rounds + 1):  # the first round warms up
-            for n in (1, 4) if r % 2 else (4, 1):
+            order = (0, 1, 4)[r % 3 :] + (0, 1, 4)[: r % 3]
+            for n in order:
                 path = f"@asyncdmabuf-bench-{os.getpid()}-{r}-{n}"
-                rate, cpu = _run(backend, _publish, path, conns[:n], frames)
-                got = [conn.recv_bytes().split() for conn in conns[:n]]
+                if n:
+                    rate, cpu = _run(backend, _publish, path, conns[:n], frames)
+                else:
+                    rate, cpu = _run(backend, _publish_bare, path, conns[0], frames)
+                got = [conn.recv_bytes().split() for conn in conns[: n or 1]]
                 assert all(int(c) == frames + 16 for c, _ in got), got
                 if r:
                     results[n].append((rate, cpu))
@@ -576,7 +625,7 @@ def measure_throughput(
         Throughput(
             n, med(rate for rate, _ in results[n]), med(cpu for _, cpu in results[n])
         )
-        for n in (1, 4)
+        for n in (1, 4, 0)
     )
 
 
@@ -641,7 +690,9 @@ def latency_rows(lat: Latency) -> list[Row]:
     return rows
 
 
-def throughput_rows(backend: str, one: Throughput, four: Throughput) -> list[Row]:
+def throughput_rows(
+    backend: str, one: Throughput, four: Throughput, bare: Throughput
+) -> list[Row]:
     """Rows: frames/s to 1 subscriber, each of 4 against 1, CPU per frame."""
     group = f"stream throughput ({backend})"
     rate_ratio = one.rate / RATE_GOAL
@@ -675,6 +726,24 @@ def throughput_rows(backend: str, one: Throughput, four: Throughput) -> list[Row
             "",
             None,
         ),
+        Row(
+            group,
+            "frames/s to 1 subscriber vs bare 16-byte messages, 4 in flight",
+            f"{one.rate:,.0f}/s",
+            f"{bare.rate:,.0f}/s",
+            one.rate / bare.rate,
+            "",
+            None,
+        ),
+        Row(
+            group,
+            "publisher CPU per frame vs per bare message",
+            fmt_us(one.cpu),
+            fmt_us(bare.cpu),
+            one.cpu / bare.cpu,
+            "",
+            None,
+        ),
     ]
 
 
@@ -686,8 +755,8 @@ def run(
     for backend in backends:
         rows += latency_rows(measure_latency(backend, rounds, reps))
     for backend in throughput_on:
-        one, four = measure_throughput(backend, max(3, rounds // 2), frames)
-        rows += throughput_rows(backend, one, four)
+        one, four, bare = measure_throughput(backend, max(3, rounds // 2), frames)
+        rows += throughput_rows(backend, one, four, bare)
     return rows
 
 

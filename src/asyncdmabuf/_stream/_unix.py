@@ -34,6 +34,13 @@ _FD = array.array("i").itemsize
 #: Room for this many fds in each read: enough to see a peer sending too many.
 _FDS_PER_READ = MAX_FDS + 4
 _READ_SIZE = 65536
+#: Plain ints of the socket constants used per message: the enum forms cost
+#: a Python-level ``__and__`` on every read.
+_ANC_SIZE = socket.CMSG_SPACE(_FDS_PER_READ * _FD)
+_CTRUNC = int(socket.MSG_CTRUNC)
+_DONTWAIT = int(socket.MSG_DONTWAIT)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
 #: Unsent bytes a transport queues before send_nowait refuses.
 MAX_BACKLOG = 1 << 20
 
@@ -151,9 +158,9 @@ class UnixTransport:
         """Send what the socket takes now; return how many bytes went."""
         try:
             if fds:
-                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                return self._sock.sendmsg([data], anc, socket.MSG_DONTWAIT)
-            return self._sock.send(data, socket.MSG_DONTWAIT)
+                anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))]
+                return self._sock.sendmsg([data], anc, _DONTWAIT)
+            return self._sock.send(data, _DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError as exc:
@@ -252,7 +259,7 @@ class UnixTransport:
         """Read what is there; return False if nothing was."""
         try:
             data, ancdata, flags, _ = self._sock.recvmsg(
-                _READ_SIZE, socket.CMSG_SPACE(_FDS_PER_READ * _FD), socket.MSG_DONTWAIT
+                _READ_SIZE, _ANC_SIZE, _DONTWAIT
             )
         except (BlockingIOError, InterruptedError):
             return False
@@ -268,7 +275,7 @@ class UnixTransport:
             raise from_oserror(exc, "recvmsg") from None
         fds: list[int] = []
         for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
                 received = array.array("i")
                 received.frombytes(payload[: len(payload) - len(payload) % _FD])
                 fds.extend(received)
@@ -341,7 +348,7 @@ class UnixTransport:
 
 
 def _check_read(data: bytes, fds: list[int], flags: int) -> None:
-    if flags & socket.MSG_CTRUNC or len(fds) > MAX_FDS:
+    if flags & _CTRUNC or len(fds) > MAX_FDS:
         raise InvalidArgument(f"the peer sent {len(fds)} or more fds at once")
     if not data:
         raise InvalidArgument("fds arrived without a message")
