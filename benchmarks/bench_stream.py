@@ -44,7 +44,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 from typing import Any
 
 import anyio
@@ -61,6 +61,12 @@ from asyncdmabuf.exporters import MemfdExporter
 KIB = 1 << 10
 MIB = 1 << 20
 SIZES = (4 * KIB, 8 * MIB)
+#: The latency streams: (size, whether the subscriber touches the bytes, key).
+#: The untouched one splits the stream's own cost from ``cpu_access``'s.
+STREAMS = (
+    *((size, True, f"stream {size}") for size in SIZES),
+    (4 * KIB, False, "untouched"),
+)
 BARE = 16  # bytes of the bare round trip's message
 LATENCY_GOAL = 1.3
 RATE_GOAL = 5000.0  # frames/s to one subscriber, on uvloop
@@ -119,18 +125,21 @@ def latency_peer(
                     message, pending = pending[:BARE], pending[BARE:]
                     await stream.send(message)
 
-    async def frames(sock: socket.socket) -> None:
+    async def frames(sock: socket.socket, touch: bool) -> None:
         stream = await anyio.abc.UNIXSocketStream.from_socket(sock)
         async with await subscribe(stream, queue=1) as sub:
             async for frame in sub:
+                if not touch:
+                    frame.release()
+                    continue
                 async with frame, frame.buffer.cpu_access("r") as view:
                     view[0] ^ view[-1]
 
     async def serve() -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(echo)
-            for sock in streams:
-                tg.start_soon(frames, sock)
+            for sock, (_, touch, _) in zip(streams, STREAMS, strict=True):
+                tg.start_soon(frames, sock, touch)
 
     _run(backend, serve)
 
@@ -146,8 +155,6 @@ def shm_peer(conn: multiprocessing.connection.Connection) -> None:
             if shm is not None:
                 shm.close()
             shm = shared_memory.SharedMemory(name=message[7:].decode())
-            # Python < 3.13 registers attached segments for unlinking at exit.
-            resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
             conn.send_bytes(b"ok")
             continue
         assert shm is not None
@@ -355,6 +362,8 @@ class Latency:
     backend: str
     bare: float
     stream: dict[int, float]
+    untouched: float
+    """4 KiB frames released without ``cpu_access``: the stream's own cost."""
     iox: dict[int, float] | None
     iox_error: str | None
     shm: dict[int, float]
@@ -374,7 +383,7 @@ async def _time_latency(
         bare = await anyio.abc.UNIXSocketStream.from_socket(bare_sock)
         stack.push_async_callback(bare.aclose)
         pubs = []
-        for size, sock in zip(SIZES, stream_socks, strict=True):
+        for (size, _, key), sock in zip(STREAMS, stream_socks, strict=True):
             stream = await anyio.abc.UNIXSocketStream.from_socket(sock)
             pub = await Publisher.over(stream, exporter, size, buffers=1)
             await stack.enter_async_context(pub)
@@ -384,7 +393,8 @@ async def _time_latency(
                 del view
             frame.release()
             pubs.append(pub)
-            samples[f"stream {size}"] = []
+            samples[key] = []
+        for size in SIZES:
             samples[f"shm {size}"] = []
             if iox.error is None:
                 samples[f"iox {size}"] = []
@@ -402,7 +412,7 @@ async def _time_latency(
 
         async def time_stream(index: int) -> None:
             pub = pubs[index]
-            out = samples[f"stream {SIZES[index]}"]
+            out = samples[STREAMS[index][2]]
             frame = await pub.loan()
             for i in range(reps):
                 async with frame.buffer.cpu_access("w") as view:
@@ -415,7 +425,7 @@ async def _time_latency(
             frame.release()
 
         jobs: list[Callable[[], Any]] = [time_bare]
-        jobs.extend(functools.partial(time_stream, i) for i in range(len(SIZES)))
+        jobs.extend(functools.partial(time_stream, i) for i in range(len(STREAMS)))
         for size in SIZES:
 
             async def shm_job(size: int = size) -> None:
@@ -445,7 +455,7 @@ def measure_latency(backend: str, rounds: int, reps: int) -> Latency:
     shm = _Shm()
     iox = _Iox()
     mine_bare, theirs_bare = socket.socketpair()
-    pairs = [socket.socketpair() for _ in SIZES]
+    pairs = [socket.socketpair() for _ in STREAMS]
     peer = _fork(
         latency_peer,
         theirs_bare,
@@ -478,6 +488,7 @@ def measure_latency(backend: str, rounds: int, reps: int) -> Latency:
         backend,
         med(samples["bare"]),
         {s: med(samples[f"stream {s}"]) for s in SIZES},
+        med(samples["untouched"]),
         None if iox.error else {s: med(samples[f"iox {s}"]) for s in SIZES},
         iox.error,
         {s: med(samples[f"shm {s}"]) for s in SIZES},
@@ -687,6 +698,17 @@ def latency_rows(lat: Latency) -> list[Row]:
                 None,
             )
         )
+    rows.append(
+        Row(
+            group,
+            "4 KiB, released untouched (no cpu_access): frame vs bare",
+            fmt_us(lat.untouched),
+            fmt_us(lat.bare),
+            lat.untouched / lat.bare,
+            "",
+            None,
+        )
+    )
     return rows
 
 
