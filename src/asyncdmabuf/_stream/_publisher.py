@@ -26,6 +26,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from .._backends import native_checkpoint
 from .._buffer import DmaBuf
 from .._errors import Busy, DmaBufError, InvalidArgument
 from .._fence import Fence
@@ -169,6 +170,7 @@ class Publisher:
     __slots__ = (
         "_allowed",
         "_changed",
+        "_checkpoint",
         "_closed",
         "_dropped",
         "_free",
@@ -217,6 +219,8 @@ class Publisher:
         #: One per background task, cancelled by aclose(): the tasks end, the
         #: body of the async with block goes on.
         self._scopes: set[anyio.CancelScope] = set()
+        #: The backend's own checkpoint, looked up once (the per-frame path).
+        self._checkpoint = native_checkpoint()
 
     # -- making one ---------------------------------------------------------------
 
@@ -552,7 +556,7 @@ class Publisher:
             InvalidArgument: The publisher is closed or not entered.
         """
         if self._free:
-            await anyio.lowlevel.checkpoint()  # before anything is lent
+            await self._checkpoint()  # before anything is lent
         else:
             await anyio.lowlevel.checkpoint_if_cancelled()
         self._check_open()
@@ -665,7 +669,7 @@ class Publisher:
         """
         # The one checkpoint comes first, before anything is sent: a send
         # cancelled there sends nothing and the frame stays a loan.
-        await anyio.lowlevel.checkpoint()
+        await self._checkpoint()
         sent = self._prepare(frame, fence, metadata, timestamp)
         slot = sent.slot
         slot.holders.add(_NOBODY)  # not free while this send runs

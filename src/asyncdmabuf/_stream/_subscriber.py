@@ -24,6 +24,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from .._backends import native_checkpoint
 from .._buffer import DmaBuf, get
 from .._errors import Busy, DmaBufError, InvalidArgument
 from .._fence import Fence
@@ -117,6 +118,7 @@ class Subscriber(anyio.abc.ObjectReceiveStream[Frame]):
     __slots__ = (
         "_buffers",
         "_busy",
+        "_checkpoint",
         "_closed",
         "_credits",
         "_dropped",
@@ -142,6 +144,8 @@ class Subscriber(anyio.abc.ObjectReceiveStream[Frame]):
         self._closed = False
         self._ended = False
         self._failed = False
+        #: The backend's own checkpoint, looked up once (the per-frame path).
+        self._checkpoint = native_checkpoint()
 
     @property
     def layout(self) -> FrameLayout | None:
@@ -196,7 +200,7 @@ class Subscriber(anyio.abc.ObjectReceiveStream[Frame]):
             if transport.poll_nowait():
                 # A frame (or the end) is there: the checkpoint comes before
                 # anything is taken, so a cancelled receive takes nothing.
-                await anyio.lowlevel.checkpoint()
+                await self._checkpoint()
                 self._check()
                 if transport.poll_nowait():
                     return self._accept(*transport.receive_nowait())

@@ -23,6 +23,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from .._backends import native_checkpoint
 from .._errors import Busy, InvalidArgument, from_oserror
 from ._transport import MAX_FDS, MAX_MESSAGE, PeerCredentials
 
@@ -70,6 +71,7 @@ class UnixTransport:
     __slots__ = (
         "_broken",
         "_buffer",
+        "_checkpoint",
         "_closed",
         "_drained",
         "_eof",
@@ -108,6 +110,8 @@ class UnixTransport:
         self._closed = False
         #: The last read found nothing: a receive() waits before reading again.
         self._drained = False
+        #: The backend's own checkpoint, looked up once (the per-message path).
+        self._checkpoint = native_checkpoint()
 
     @property
     def peer(self) -> PeerCredentials:
@@ -231,7 +235,7 @@ class UnixTransport:
         """Wait for the next whole message; a checkpoint."""
         waited = bool(self._ready)
         if waited:
-            await anyio.lowlevel.checkpoint()  # nothing taken yet: one yield
+            await self._checkpoint()  # nothing taken yet: one yield
         else:
             await anyio.lowlevel.checkpoint_if_cancelled()
         while not self._ready:
