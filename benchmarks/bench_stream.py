@@ -44,7 +44,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from multiprocessing import shared_memory
+from multiprocessing import resource_tracker, shared_memory
 from typing import Any
 
 import anyio
@@ -229,6 +229,9 @@ class _Shm:
     __slots__ = ("conn", "peer", "segments")
 
     def __init__(self) -> None:
+        # The peer shares this process's resource tracker: what it attaches
+        # is registered once, and unregistered by our unlink.
+        resource_tracker.ensure_running()
         ctx = multiprocessing.get_context("fork")
         self.conn, theirs = ctx.Pipe()
         self.peer = _fork(shm_peer, theirs)
