@@ -327,3 +327,84 @@ async def test_transport_messages_and_fds() -> None:
         await transport.aclose()
         with pytest.raises(anyio.ClosedResourceError):
             transport.send_nowait(b"late")
+
+
+async def test_cancelled_send_sends_nothing_and_keeps_the_loan() -> None:
+    async with publisher(buffers=2) as (pub, path), await dmabuf.subscribe(path) as sub:
+        frame = await pub.loan()
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await pub.send(frame)
+        assert scope.cancelled_caught
+        assert not frame.released  # the checkpoint came before anything went
+        assert pub.statistics().frames_sent == 0
+        await pub.send(frame, metadata=b"kept")
+        async with await sub.receive() as got:
+            assert (got.seq, got.metadata) == (0, b"kept")
+
+
+async def test_cancelled_receive_with_a_frame_there_takes_nothing() -> None:
+    async with publisher(buffers=2) as (pub, path), await dmabuf.subscribe(path) as sub:
+        await send(pub, 0)
+        await until(sub._transport.poll_nowait)  # the frame has come
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await sub.receive()
+        assert scope.cancelled_caught
+        assert sub.statistics().frames_received == 0
+        async with assert_checkpoints():
+            got = await sub.receive()  # there already: still a checkpoint
+        assert got.seq == 0
+        got.release()
+
+
+async def test_releases_that_come_together_are_all_handled() -> None:
+    async with (
+        publisher(buffers=3) as (pub, path),
+        await dmabuf.subscribe(path, queue=3) as sub,
+    ):
+        for seq in range(3):
+            await send(pub, seq)
+        frames = [await sub.receive() for _ in range(3)]
+        for frame in frames:  # three releases, most likely in one read
+            frame.release()
+        await until(lambda: pub.statistics().buffers_free == 3)
+        assert pub.subscribers[0].held == 0
+        for seq in range(3, 6):  # and the credits came back with them
+            await send(pub, seq)
+            (await sub.receive()).release()
+
+
+async def test_transport_poll_and_receive_after_busy() -> None:
+    a, b = socket.socketpair()
+    with a:
+        stream = await anyio.abc.UNIXSocketStream.from_socket(b)
+        transport = UnixTransport(stream)
+        assert not transport.poll_nowait()
+        with pytest.raises(dmabuf.Busy):
+            transport.receive_nowait()
+        # What comes after a read that found nothing is still received.
+        a.sendall(struct.pack("<I", 3) + b"one" + struct.pack("<I", 3) + b"two")
+        assert await transport.receive() == (b"one", [])
+        assert transport.poll_nowait()  # "two" waits; poll takes nothing
+        assert transport.poll_nowait()
+        async with assert_checkpoints():
+            assert await transport.receive() == (b"two", [])
+        with pytest.raises(dmabuf.Busy):
+            transport.receive_nowait()
+
+        async def late() -> None:
+            await anyio.wait_all_tasks_blocked()
+            a.sendall(struct.pack("<I", 5) + b"three")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(late)
+            assert await transport.receive() == (b"three", [])
+        a.shutdown(socket.SHUT_WR)
+        await until(transport.poll_nowait)  # the end is there to be raised
+        with pytest.raises(anyio.EndOfStream):
+            transport.receive_nowait()
+        await transport.aclose()
+        assert transport.poll_nowait()
+        with pytest.raises(anyio.ClosedResourceError):
+            transport.receive_nowait()

@@ -26,6 +26,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from .._backends import native_checkpoint
 from .._buffer import DmaBuf
 from .._errors import Busy, DmaBufError, InvalidArgument
 from .._fence import Fence
@@ -42,6 +43,8 @@ __all__ = ["Publisher", "PublisherStatistics", "SubscriberInfo"]
 HANDSHAKE_TIMEOUT = 10.0
 
 _GONE = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError)
+#: The most messages from one subscriber handled between two checkpoints.
+_BATCH = 64
 
 
 class Allocator(Protocol):
@@ -141,7 +144,8 @@ class _Peer:
         self.pending: deque[_Sent] = deque()  # waiting for a credit (drop-oldest)
         self.known: set[int] = set()  # buffer ids whose fd it has
         self.dropped = 0
-        self.credit = anyio.Event()
+        #: Made by a send that waits for a credit; set when one comes.
+        self.credit: anyio.Event | None = None
         self.gone = False
 
 
@@ -166,6 +170,7 @@ class Publisher:
     __slots__ = (
         "_allowed",
         "_changed",
+        "_checkpoint",
         "_closed",
         "_dropped",
         "_free",
@@ -214,6 +219,8 @@ class Publisher:
         #: One per background task, cancelled by aclose(): the tasks end, the
         #: body of the async with block goes on.
         self._scopes: set[anyio.CancelScope] = set()
+        #: The backend's own checkpoint, looked up once (the per-frame path).
+        self._checkpoint = native_checkpoint()
 
     # -- making one ---------------------------------------------------------------
 
@@ -407,10 +414,13 @@ class Publisher:
                 self._transmit(peer, sent)
             while not peer.gone:
                 data, fds = await transport.receive()
-                try:
-                    self._handle(peer, _wire.decode(data, len(fds)), fds)
-                finally:
-                    _close_fds(fds)
+                self._handle_fds(peer, data, fds)
+                # What came with the same read is handled without a checkpoint
+                # each: at most a bounded batch before the next one.
+                for _ in range(_BATCH):
+                    if peer.gone or not transport.poll_nowait():
+                        break
+                    self._handle_fds(peer, *transport.receive_nowait())
         except _GONE:
             if peer is None:  # gone before it subscribed
                 self._refused += 1
@@ -419,6 +429,12 @@ class Publisher:
         finally:
             if peer is not None:
                 self._disconnect(peer)
+
+    def _handle_fds(self, peer: _Peer, data: bytes, fds: list[int]) -> None:
+        try:
+            self._handle(peer, _wire.decode(data, len(fds)), fds)
+        finally:
+            _close_fds(fds)
 
     def _handle(self, peer: _Peer, message: _wire.Message, fds: list[int]) -> None:
         if isinstance(message, _wire.Credit):
@@ -461,8 +477,9 @@ class Publisher:
             sent.slot.holders.discard(peer)
             self._transmit(peer, sent)
             self._maybe_free(sent.slot)
-        event, peer.credit = peer.credit, anyio.Event()
-        event.set()
+        event, peer.credit = peer.credit, None
+        if event is not None:
+            event.set()
 
     async def _watch(self, slot: _Slot, fence: Fence, scope: anyio.CancelScope) -> None:
         if self._closed:
@@ -491,7 +508,9 @@ class Publisher:
             slot.holders.discard(peer)
             self._maybe_free(slot)
         peer.transport.close_nowait()
-        peer.credit.set()
+        event, peer.credit = peer.credit, None
+        if event is not None:
+            event.set()
 
     # -- the pool -----------------------------------------------------------------
 
@@ -538,19 +557,17 @@ class Publisher:
         Raises:
             InvalidArgument: The publisher is closed or not entered.
         """
-        await anyio.lowlevel.checkpoint_if_cancelled()
+        if self._free:
+            await self._checkpoint()  # before anything is lent
+        else:
+            await anyio.lowlevel.checkpoint_if_cancelled()
         self._check_open()
-        waited = False
         while not self._free:
             if self._changed is None:
                 self._changed = anyio.Event()
             await self._changed.wait()
-            waited = True
             self._check_open()
-        frame = self._lend(self._free.popleft())
-        if not waited:
-            await anyio.lowlevel.cancel_shielded_checkpoint()
-        return frame
+        return self._lend(self._free.popleft())
 
     def _release_frame(self, frame: Frame, fence: Fence | None) -> None:
         """A loan given back unsent (``frame.release()``)."""
@@ -652,9 +669,10 @@ class Publisher:
                 closed. Cancelled while waiting for a ``"block"`` subscriber,
                 the frame has gone to those before it only.
         """
-        await anyio.lowlevel.checkpoint_if_cancelled()
+        # The one checkpoint comes first, before anything is sent: a send
+        # cancelled there sends nothing and the frame stays a loan.
+        await self._checkpoint()
         sent = self._prepare(frame, fence, metadata, timestamp)
-        waited = False
         slot = sent.slot
         slot.holders.add(_NOBODY)  # not free while this send runs
         try:
@@ -664,14 +682,13 @@ class Publisher:
                     and peer.inflight >= peer.queue
                     and not peer.gone
                 ):
+                    if peer.credit is None:
+                        peer.credit = anyio.Event()
                     await peer.credit.wait()
-                    waited = True
                 self._offer(peer, sent)
         finally:
             slot.holders.discard(_NOBODY)
             self._maybe_free(slot)
-        if not waited:
-            await anyio.lowlevel.cancel_shielded_checkpoint()
 
     def _offer(self, peer: _Peer, sent: _Sent) -> None:
         if peer.gone:

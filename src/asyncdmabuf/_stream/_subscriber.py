@@ -24,6 +24,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from .._backends import native_checkpoint
 from .._buffer import DmaBuf, get
 from .._errors import Busy, DmaBufError, InvalidArgument
 from .._fence import Fence
@@ -117,6 +118,7 @@ class Subscriber(anyio.abc.ObjectReceiveStream[Frame]):
     __slots__ = (
         "_buffers",
         "_busy",
+        "_checkpoint",
         "_closed",
         "_credits",
         "_dropped",
@@ -142,6 +144,8 @@ class Subscriber(anyio.abc.ObjectReceiveStream[Frame]):
         self._closed = False
         self._ended = False
         self._failed = False
+        #: The backend's own checkpoint, looked up once (the per-frame path).
+        self._checkpoint = native_checkpoint()
 
     @property
     def layout(self) -> FrameLayout | None:
@@ -186,21 +190,28 @@ class Subscriber(anyio.abc.ObjectReceiveStream[Frame]):
             InvalidArgument: The publisher sent something invalid; it is
                 disconnected and every fd that came is closed.
         """
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        self._check()
+        transport = self._transport
         try:
             try:
-                data, fds = self._transport.receive_nowait()
-            except Busy:
-                self._flush_credits()
-                data, fds = await self._transport.receive()
-                return self._accept(data, fds)
+                self._check()
+            except BaseException:
+                await anyio.lowlevel.checkpoint_if_cancelled()
+                raise
+            if transport.poll_nowait():
+                # A frame (or the end) is there: the checkpoint comes before
+                # anything is taken, so a cancelled receive takes nothing.
+                await self._checkpoint()
+                self._check()
+                if transport.poll_nowait():
+                    return self._accept(*transport.receive_nowait())
+            # Nothing there: credits go back before waiting (the publisher
+            # may be waiting for them), then one wait.
+            self._flush_credits()
+            data, fds = await transport.receive()
         except anyio.EndOfStream:
             self._ended = True
             raise
-        frame = self._accept(data, fds)
-        await anyio.lowlevel.cancel_shielded_checkpoint()
-        return frame
+        return self._accept(data, fds)
 
     def _accept(self, data: bytes, fds: list[int]) -> Frame:
         try:

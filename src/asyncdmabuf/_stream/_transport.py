@@ -72,6 +72,15 @@ class Transport(Protocol):
         """
         ...
 
+    def poll_nowait(self) -> bool:
+        """Take in what has arrived; True if :meth:`receive_nowait` would now
+        return a message or raise (the end, an error) rather than ``Busy``.
+
+        Takes no message. Raises the errors of the read itself, as
+        :meth:`receive_nowait` would.
+        """
+        ...
+
     def receive_nowait(self) -> tuple[bytes, list[int]]:
         """Return a message already there, without waiting.
 

@@ -23,6 +23,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from .._backends import native_checkpoint
 from .._errors import Busy, InvalidArgument, from_oserror
 from ._transport import MAX_FDS, MAX_MESSAGE, PeerCredentials
 
@@ -34,6 +35,13 @@ _FD = array.array("i").itemsize
 #: Room for this many fds in each read: enough to see a peer sending too many.
 _FDS_PER_READ = MAX_FDS + 4
 _READ_SIZE = 65536
+#: Plain ints of the socket constants used per message: the enum forms cost
+#: a Python-level ``__and__`` on every read.
+_ANC_SIZE = socket.CMSG_SPACE(_FDS_PER_READ * _FD)
+_CTRUNC = int(socket.MSG_CTRUNC)
+_DONTWAIT = int(socket.MSG_DONTWAIT)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
 #: Unsent bytes a transport queues before send_nowait refuses.
 MAX_BACKLOG = 1 << 20
 
@@ -63,7 +71,9 @@ class UnixTransport:
     __slots__ = (
         "_broken",
         "_buffer",
+        "_checkpoint",
         "_closed",
+        "_drained",
         "_eof",
         "_held",
         "_out",
@@ -98,6 +108,10 @@ class UnixTransport:
         self._broken: BaseException | None = None
         self._send_broke = False  # broken by a send only: what came can be read
         self._closed = False
+        #: The last read found nothing: a receive() waits before reading again.
+        self._drained = False
+        #: The backend's own checkpoint, looked up once (the per-message path).
+        self._checkpoint = native_checkpoint()
 
     @property
     def peer(self) -> PeerCredentials:
@@ -148,9 +162,9 @@ class UnixTransport:
         """Send what the socket takes now; return how many bytes went."""
         try:
             if fds:
-                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                return self._sock.sendmsg([data], anc, socket.MSG_DONTWAIT)
-            return self._sock.send(data, socket.MSG_DONTWAIT)
+                anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))]
+                return self._sock.sendmsg([data], anc, _DONTWAIT)
+            return self._sock.send(data, _DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError as exc:
@@ -192,6 +206,20 @@ class UnixTransport:
 
     # -- receiving ----------------------------------------------------------------
 
+    def poll_nowait(self) -> bool:
+        """Read what has arrived; True if :meth:`receive_nowait` would not be Busy.
+
+        Nothing is taken: a whole message waits, or the end or an error is
+        there to be raised. Errors of the read itself are raised now.
+        """
+        while not self._ready:
+            if self._closed or self._eof or self._broken is not None:
+                return True
+            if not self._read():
+                self._drained = True
+                return False
+        return True
+
     def receive_nowait(self) -> tuple[bytes, list[int]]:
         """Return the next message if a whole one has arrived."""
         while not self._ready:
@@ -199,18 +227,25 @@ class UnixTransport:
             if self._eof:
                 self._end()
             if not self._read():
+                self._drained = True
                 raise Busy("no message has arrived")
         return self._ready.popleft()
 
     async def receive(self) -> tuple[bytes, list[int]]:
         """Wait for the next whole message; a checkpoint."""
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        waited = False
+        waited = bool(self._ready)
+        if waited:
+            await self._checkpoint()  # nothing taken yet: one yield
+        else:
+            await anyio.lowlevel.checkpoint_if_cancelled()
         while not self._ready:
             self._check_readable()
             if self._eof:
                 self._end()
-            if not self._read():
+            # Right after a read that found nothing, wait first: one recvmsg
+            # that would fail again is saved.
+            if self._drained or not self._read():
+                self._drained = False
                 await anyio.wait_readable(self._sock)
                 waited = True
         if not waited:
@@ -231,7 +266,7 @@ class UnixTransport:
         """Read what is there; return False if nothing was."""
         try:
             data, ancdata, flags, _ = self._sock.recvmsg(
-                _READ_SIZE, socket.CMSG_SPACE(_FDS_PER_READ * _FD), socket.MSG_DONTWAIT
+                _READ_SIZE, _ANC_SIZE, _DONTWAIT
             )
         except (BlockingIOError, InterruptedError):
             return False
@@ -247,7 +282,7 @@ class UnixTransport:
             raise from_oserror(exc, "recvmsg") from None
         fds: list[int] = []
         for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
                 received = array.array("i")
                 received.frombytes(payload[: len(payload) - len(payload) % _FD])
                 fds.extend(received)
@@ -320,7 +355,7 @@ class UnixTransport:
 
 
 def _check_read(data: bytes, fds: list[int], flags: int) -> None:
-    if flags & socket.MSG_CTRUNC or len(fds) > MAX_FDS:
+    if flags & _CTRUNC or len(fds) > MAX_FDS:
         raise InvalidArgument(f"the peer sent {len(fds)} or more fds at once")
     if not data:
         raise InvalidArgument("fds arrived without a message")
