@@ -170,7 +170,7 @@ def iox_peer(prefix: str, sizes: tuple[int, ...], ready: Any) -> None:
     """Wait for each sample, read its first and last byte, drop it, notify back."""
     if ready.recv_bytes() != b"go":  # the publisher made the services
         return
-    import iceoryx2 as iox  # type: ignore[import-untyped]
+    import iceoryx2 as iox
 
     iox.set_log_level(iox.LogLevel.Error)
     node = iox.NodeBuilder.new().create(iox.ServiceType.Ipc)
