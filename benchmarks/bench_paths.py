@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import ClassVar
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, ClassVar
 
 import anyio
 import anyio.lowlevel
@@ -79,7 +79,7 @@ async def sides(tasks: int, ops: int) -> AsyncIterator[Sides]:
                 pass
 
     async def throughput(
-        worker: Callable[[int], Awaitable[None]], ops: int = ops
+        worker: Callable[[int], Coroutine[Any, Any, None]], ops: int = ops
     ) -> float:
         start = time.perf_counter()
         async with anyio.create_task_group() as tg:
@@ -109,8 +109,7 @@ def rows(quick: bool, tasks: int = 16) -> list[Row]:
     return [
         compare(
             "contended",
-            f"{label}: {tasks} tasks map+unmap one buffer, map suspends "
-            "holding the lock, vs the same on anyio.Lock (ops/s)",
+            f"{label}: {tasks} tasks map+unmap 1 buffer, map suspends, vs anyio.Lock",
             figures["framework"],
             figures["anyio.Lock"],
             fmt=fmt_rate,

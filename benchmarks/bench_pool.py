@@ -190,8 +190,7 @@ def rows(quick: bool) -> list[Row]:
         result.append(
             compare(
                 "buffer pool",
-                f"{label}: 4 KiB fresh allocate+put vs bare memfd_create+"
-                "ftruncate+mmap+close",
+                f"{label}: 4 KiB allocate+put vs bare memfd+ftruncate+mmap+close",
                 figures["allocate+put"],
                 figures["bare memfd"],
             )
