@@ -385,7 +385,7 @@ def run_bench(
         if not only or (name or STRESS) in only
     ]
     if not console.is_terminal:  # a log or a pipe: keep each row on one line
-        console = Console(width=max(console.width, 150))
+        console.width = max(console.width, 150)
     info = machine()
     console.print(
         "measured on: " + "; ".join(f"{k} {v}" for k, v in info.items()),
