@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import gc
 import math
+import os
 import resource
 import time
 import tracemalloc
@@ -255,10 +256,21 @@ async def stress_sides(tasks: tuple[int, ...], ops: int) -> AsyncIterator[Sides]
     yield {f"{n:,} tasks": side(n) for n in tasks}
 
 
-def memfd_buffers() -> int:
-    """How many memfd buffers to measure: 100,000, or what the fd limit allows."""
+async def memfd_footprint(quick: bool) -> Footprint:
+    """Memory per memfd buffer, attachment and mapping, over many of them.
+
+    100,000 buffers, or as many as the fd limit allows (a memfd buffer holds
+    its fds for its life); 2,000 when ``quick``.
+    """
+    exporter = MemfdExporter()
+    before = len(os.listdir("/proc/self/fd"))
+    probe = await exporter.allocate(4096)
+    per_buffer = max(1, len(os.listdir("/proc/self/fd")) - before)
+    await probe.put()
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return max(1_000, min(100_000, soft - 2_000))
+    fits = (soft - before - 1_000) // per_buffer
+    n = 2_000 if quick else max(1_000, min(100_000, fits))
+    return await footprint("memfd", lambda n: exporter, n)
 
 
 def rows(quick: bool) -> list[Row]:
@@ -277,8 +289,8 @@ def rows(quick: bool) -> list[Row]:
         )
         for label, figures in samples.items()
     ]
-    n = 2_000 if quick else memfd_buffers()
-    memory = anyio.run(footprint, "memfd", lambda n: MemfdExporter(), n)
+    memory = anyio.run(memfd_footprint, quick)
+    n = memory.buffers
     for what, value in (
         ("buffer", memory.per_buffer),
         ("attachment", memory.per_attachment),

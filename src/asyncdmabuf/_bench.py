@@ -475,7 +475,7 @@ async def _stress_sides(ops: int) -> AsyncIterator[Sides]:
 
 def _backend_rows(quick: bool) -> list[Row]:
     samples = alternate(
-        lambda: _stress_sides(2_000 if quick else 20_000), 3 if quick else 5
+        lambda: _stress_sides(2_000 if quick else 10_000), 3 if quick else 5
     )
     base = samples.get("asyncio", {}).get("ops/s", [])
     return [
