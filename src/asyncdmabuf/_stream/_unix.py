@@ -215,6 +215,9 @@ class UnixTransport:
                 waited = True
         if not waited:
             await anyio.lowlevel.cancel_shielded_checkpoint()
+            if not self._ready:  # closed meanwhile: what had arrived was dropped
+                self._check_readable()
+                return await self.receive()
         return self._ready.popleft()
 
     def _end(self) -> None:
