@@ -280,6 +280,10 @@ def machine() -> dict[str, str]:
     """What the figures were measured on: CPU, memory, kernel, versions."""
     info: dict[str, str] = {}
     cpu = _first_value("/proc/cpuinfo", "model name") or platform.processor()
+    family = _first_value("/proc/cpuinfo", "cpu family")
+    model = _first_value("/proc/cpuinfo", "model")
+    if family and model:
+        cpu = f"{cpu} (family {family}, model {model})"
     info["cpu"] = f"{cpu or 'unknown'}, {os.cpu_count() or '?'} logical CPUs"
     memory = _first_value("/proc/meminfo", "MemTotal")
     if memory and memory.split()[0].isdigit():
