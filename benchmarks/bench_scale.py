@@ -310,7 +310,7 @@ def rows(quick: bool) -> list[Row]:
         )
     if not quick:
         counts = (TASKS[0], TASKS[-1])
-        stress = alternate(lambda: stress_sides(counts, 50_000), 3, ["asyncio"])
+        stress = alternate(lambda: stress_sides(counts, 20_000), 3, ["asyncio"])
         for label, figures in stress.items():
             result.append(
                 compare(

@@ -411,7 +411,11 @@ def run_bench(
             + ": medians of alternating rounds, both sides in one run",
         )
     )
-    console.print(f"measured in {elapsed:.0f} s", highlight=False)
+    load = ""
+    with contextlib.suppress(OSError):
+        load = f" (load average {os.getloadavg()[0]:.2f} at the end)"
+    info["load average at the end"] = load[15:-12] if load else "unknown"
+    console.print(f"measured in {elapsed:.0f} s{load}", highlight=False)
     if json_path is not None:
         document: dict[str, Any] = {
             "quick": quick,
