@@ -411,11 +411,11 @@ def run_bench(
             + ": medians of alternating rounds, both sides in one run",
         )
     )
-    load = ""
+    took = f"measured in {elapsed:.0f} s"
     with contextlib.suppress(OSError):
-        load = f" (load average {os.getloadavg()[0]:.2f} at the end)"
-    info["load average at the end"] = load[15:-12] if load else "unknown"
-    console.print(f"measured in {elapsed:.0f} s{load}", highlight=False)
+        info["load average at the end"] = f"{os.getloadavg()[0]:.2f}"
+        took += f" (load average {info['load average at the end']} at the end)"
+    console.print(took, highlight=False)
     if json_path is not None:
         document: dict[str, Any] = {
             "quick": quick,
