@@ -106,7 +106,7 @@ def measure(n: int, rounds: int) -> Samples:
 
 def rows(quick: bool) -> list[Row]:
     """The figures ``asyncdmabuf bench`` shows for this benchmark."""
-    samples = measure(5_000 if quick else 20_000, 5 if quick else 9)
+    samples = measure(3_000 if quick else 20_000, 5 if quick else 9)
     result = []
     for label, figures in samples.items():
         result.append(

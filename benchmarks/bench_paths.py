@@ -104,7 +104,7 @@ async def sides(tasks: int, ops: int) -> AsyncIterator[Sides]:
 
 def rows(quick: bool, tasks: int = 16) -> list[Row]:
     """The figures ``asyncdmabuf bench`` shows for this benchmark."""
-    ops = 200 if quick else 1_000
+    ops = 150 if quick else 1_000
     samples = alternate(lambda: sides(tasks, ops), 5 if quick else 9)
     return [
         compare(

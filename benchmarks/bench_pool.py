@@ -167,7 +167,7 @@ def _fresh(exporter: MemfdExporter, size: int, n: int) -> Side:
 def rows(quick: bool) -> list[Row]:
     """The figures ``asyncdmabuf bench`` shows for this benchmark."""
     rounds = 5 if quick else 9
-    samples = alternate(lambda: overhead_sides(2_000 if quick else 10_000), rounds)
+    samples = alternate(lambda: overhead_sides(1_500 if quick else 10_000), rounds)
     result = []
     for label, figures in samples.items():
         result.append(
