@@ -632,6 +632,9 @@ async def test_a_buffer_block_is_entered_once() -> None:
             with pytest.raises(RuntimeError, match="once"):
                 await block.__aenter__()
         assert pool.statistics().lent == 0
+        with pytest.raises(RuntimeError, match="once"):
+            await block.__aenter__()  # not after it ended either
+        assert pool.statistics().lent == 0
 
 
 # -- no byte of one owner ever reaches the next (property) ----------------------------

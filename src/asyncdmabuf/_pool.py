@@ -582,15 +582,17 @@ class BufferPool:
 class Lending:
     """What :meth:`BufferPool.buffer` returns: ``async with`` it for a buffer."""
 
-    __slots__ = ("_buf", "_pool")
+    __slots__ = ("_buf", "_entered", "_pool")
 
     def __init__(self, pool: BufferPool) -> None:
         self._pool = pool
         self._buf: DmaBuf | None = None
+        self._entered = False
 
     async def __aenter__(self) -> DmaBuf:
-        if self._buf is not None:
+        if self._entered:
             raise RuntimeError("a pool.buffer() block can be entered only once")
+        self._entered = True
         buf = self._buf = await self._pool.acquire()
         return buf
 
@@ -602,6 +604,7 @@ class Lending:
     ) -> None:
         buf = self._buf
         assert buf is not None
+        self._buf = None  # the block holds the buffer no longer than it lasts
         if exc is None:
             await self._pool._end_lending(buf)
         else:  # the body's exception propagates once the buffer is back
