@@ -43,8 +43,10 @@ soak: $(STAMP)
 		tests/test_stateful.py tests/test_cancel_points.py tests/test_faults.py \
 		tests/test_leaks.py tests/test_bad_input.py tests/test_fairness.py
 
+# Every benchmark, one table of ratios; e.g. make bench BENCH_ARGS="--quick --strict".
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(BIN)/asyncdmabuf bench
+	$(BIN)/asyncdmabuf bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .mypy_cache .pytest_cache .ruff_cache site

@@ -14,13 +14,14 @@ latency, both sides reading the system-wide monotonic clock).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import statistics
 import struct
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -30,7 +31,7 @@ from rich.table import Table
 
 from asyncdmabuf import Fence
 from asyncdmabuf._backends import BACKENDS
-from asyncdmabuf._bench import Row, backend_available, fmt_us, goal_le
+from asyncdmabuf._bench import Row, Side, Sides, alternate, compare
 
 CHILD = r"""
 import os, socket, struct, sys, time
@@ -156,34 +157,36 @@ def _percentiles(times: list[float]) -> tuple[float, float]:
     return statistics.median(times), times[int(len(times) * 0.9)]
 
 
+@contextlib.asynccontextmanager
+async def wake_sides(n: int, repeat: int) -> AsyncIterator[Sides]:
+    """Fence and Event waking ``n`` waiters: the median of ``repeat`` wakes."""
+
+    def side(make: Callable[[], tuple[Callable[[], Any], Callable[[], None]]]) -> Side:
+        async def measure() -> float:
+            return statistics.median([await _wake_time(n, make) for _ in range(repeat)])
+
+        return measure
+
+    for _ in range(2):  # warm up
+        await _wake_time(n, _fence)
+        await _wake_time(n, _event)
+    yield {"fence": side(_fence), "Event": side(_event)}
+
+
 def rows(quick: bool) -> list[Row]:
     """The figures ``asyncdmabuf bench`` shows for this benchmark."""
-    rows = []
-    for label, (backend, options) in BACKENDS.items():
-        if not backend_available(label):
-            continue
-        results: list[tuple[int, float, float]] = anyio.run(
-            _in_process,
-            [100],
-            10 if quick else 50,
-            backend=backend,
-            backend_options=options,
+    n = 100
+    samples = alternate(lambda: wake_sides(n, 3 if quick else 10), 5 if quick else 9)
+    return [
+        compare(
+            "fence vs Event",
+            f"{label}: signal() waking {n} waiters",
+            figures["fence"],
+            figures["Event"],
+            le=1.5,
         )
-        for n, fence_t, event_t in results:
-            ratio = fence_t / event_t
-            goal, met = goal_le(ratio, 1.5)
-            rows.append(
-                Row(
-                    "fence vs Event",
-                    f"{label}: signal() waking {n} waiters",
-                    fmt_us(fence_t),
-                    fmt_us(event_t),
-                    ratio,
-                    goal,
-                    met,
-                )
-            )
-    return rows
+        for label, figures in samples.items()
+    ]
 
 
 def main() -> None:

@@ -1,16 +1,23 @@
-"""Scale: many tasks on one event loop, and many live buffers.
+"""Scale: many tasks on one event loop, and memory per live object (issue 14).
 
-1. Throughput against the number of tasks: the stress engine
-   (``asyncdmabuf stress``'s) with 10, 100, 1,000 and 10,000 tasks sharing
-   1,000 memfd buffers of 4 KiB on one event loop; each operation attaches,
-   maps, unmaps and detaches one buffer (``--no-verify``: the framework's cost,
-   not memcpy's). Throughput must not collapse as tasks grow.
-2. Memory per live buffer and per attachment, measured with ``tracemalloc``
-   over 100,000 buffers. The fd limit here is 20,000 and a memfd buffer holds
-   one fd for its life, so these buffers come from exporters without memory of
-   their own: a memoryless exporter defined here (the framework's own cost) and
-   a ``SimDevice`` (which also keeps per-buffer state). Neither opens an fd
-   until ``buf.fd()`` is called.
+1. Per-op cost at scale: 1,000 memfd buffers of 4 KiB, each attached once;
+   10,000 tasks (ten per buffer) each map and unmap their buffer, against one
+   task doing the same operations over the same buffers: the cost per
+   map+unmap, on every backend (goal: at most 1.15x). The clock runs from
+   the release of a start barrier (every task parked on it) until the last
+   task is done, so each task's one wake-up is counted; spawning is not.
+2. Python memory per live memfd buffer, attachment and mapping
+   (``tracemalloc``; goals: at most 512, 256 and 256 bytes), over as many
+   buffers as the fd limit allows, up to 100,000 (each holds one fd).
+3. Full run only: the stress engine (``asyncdmabuf stress``'s) with 10 and
+   10,000 tasks sharing 1,000 buffers, each operation attaching, mapping,
+   unmapping and detaching one buffer (``--no-verify``); throughput must not
+   collapse (goal: at least 0.5x).
+
+Rounds alternate (a fresh loop per backend per round, the order of the sides
+reversed every other round); figures are medians. The script's own run adds
+memory per object over 100,000 buffers of exporters without memory of their
+own (a memoryless exporter defined here, and a ``SimDevice``).
 
 Run: ``python benchmarks/bench_scale.py [--quick] [--backend trio]``.
 """
@@ -18,24 +25,40 @@ Run: ``python benchmarks/bench_scale.py [--quick] [--backend trio]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import math
+import os
+import resource
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import anyio
-from rich.console import Console
+import anyio.lowlevel
 from rich.table import Table
 
 import asyncdmabuf as dmabuf
 from asyncdmabuf import Attachment, Direction, DmaBuf, Exporter, SgEntry, SgTable
 from asyncdmabuf._backends import BACKENDS
-from asyncdmabuf._bench import Row
+from asyncdmabuf._bench import (
+    Row,
+    Sides,
+    alternate,
+    compare,
+    fmt_rate,
+    render,
+    wide_console,
+)
 from asyncdmabuf._stress import StressConfig, run_stress
-from asyncdmabuf.exporters import SimDevice
+from asyncdmabuf.exporters import MemfdExporter, SimDevice
+
+#: The goal: per-op cost at 10,000 tasks at most this times that at 1 task.
+SCALE_GOAL = 1.15
+#: Bytes of Python memory per live memfd buffer, attachment, mapping (goals).
+MEMORY_GOALS = {"buffer": 512, "attachment": 256, "mapping": 256}
 
 TASKS = (10, 100, 1_000, 10_000)
 
@@ -115,6 +138,11 @@ async def footprint(
     exporter = make(n)
     allocate = exporter.allocate  # type: ignore[attr-defined]
     device = dmabuf.Device("scale")
+    warm: DmaBuf = await allocate(4096)  # first-use caches are not per object
+    warm_att = await warm.attach(device)
+    if mapped:
+        await warm_att.unmap(await warm_att.map(Direction.TO_DEVICE))
+    await warm_att.detach()
     gc.collect()
     start = time.perf_counter()
     tracemalloc.start()
@@ -134,6 +162,7 @@ async def footprint(
         await att.detach()
     for buf in bufs:
         await buf.put()
+    await warm.put()
     # The lists themselves hold one pointer per item: count them out.
     pointer = 8
     return Footprint(
@@ -164,22 +193,137 @@ async def scaling(tasks: tuple[int, ...], ops: int) -> list[Throughput]:
     return [await throughput(t, 1_000, ops) for t in tasks]
 
 
+@contextlib.asynccontextmanager
+async def scale_sides(tasks: int, buffers: int, ops: int) -> AsyncIterator[Sides]:
+    """Seconds per map+unmap with ``tasks`` tasks and with one, ``ops`` each."""
+    exporter = MemfdExporter()
+    device = dmabuf.Device("scale")
+    bufs = [await exporter.allocate(4096) for _ in range(buffers)]
+    atts = [await buf.attach(device) for buf in bufs]
+
+    async def per_op(tasks: int, ops: int) -> float:
+        go = anyio.Event()
+        ready = 0
+        ended = 0.0
+
+        async def worker(k: int) -> None:
+            nonlocal ready, ended
+            att = atts[k % len(atts)]
+            ready += 1
+            await go.wait()
+            for j in range(ops):
+                if tasks == 1:
+                    att = atts[j % len(atts)]
+                sgt = await att.map(Direction.TO_DEVICE)
+                await att.unmap(sgt)
+            ended = time.perf_counter()
+
+        async with anyio.create_task_group() as tg:
+            for k in range(tasks):
+                tg.start_soon(worker, k)
+            while ready < tasks:
+                await anyio.lowlevel.checkpoint()
+            start = time.perf_counter()
+            go.set()
+        return (ended - start) / (tasks * ops)
+
+    async def many() -> float:
+        return await per_op(tasks, ops)
+
+    async def one() -> float:  # a per-op figure: fewer ops are as good
+        return await per_op(1, min(tasks * ops, 10 * buffers))
+
+    try:
+        await per_op(1, buffers)  # warm up: every buffer mapped once
+        yield {f"{tasks:,} tasks": many, "1 task": one}
+    finally:
+        for att in atts:
+            await att.detach()
+        for buf in bufs:
+            await buf.put()
+
+
+@contextlib.asynccontextmanager
+async def stress_sides(tasks: tuple[int, ...], ops: int) -> AsyncIterator[Sides]:
+    """Stress-engine ops/s at each task count, 1,000 buffers."""
+
+    def side(n: int) -> Callable[[], Awaitable[float]]:
+        async def measure() -> float:
+            return (await throughput(n, 1_000, ops)).ops_per_second
+
+        return measure
+
+    yield {f"{n:,} tasks": side(n) for n in tasks}
+
+
+async def memfd_footprint(quick: bool) -> Footprint:
+    """Memory per memfd buffer, attachment and mapping, over many of them.
+
+    100,000 buffers, or as many as the fd limit allows (a memfd buffer holds
+    its fds for its life); 2,000 when ``quick``.
+    """
+    exporter = MemfdExporter()
+    before = len(os.listdir("/proc/self/fd"))
+    probe = await exporter.allocate(4096)
+    per_buffer = max(1, len(os.listdir("/proc/self/fd")) - before)
+    await probe.put()
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fits = (soft - before - 1_000) // per_buffer
+    n = 2_000 if quick else max(1_000, min(100_000, fits))
+    return await footprint("memfd", lambda n: exporter, n)
+
+
 def rows(quick: bool) -> list[Row]:
     """The figures ``asyncdmabuf bench`` shows for this benchmark."""
-    results = anyio.run(scaling, TASKS, 10_000 if quick else 50_000)
-    base = results[0]
-    return [
-        Row(
+    tasks, buffers = 10_000, 1_000
+    samples = alternate(
+        lambda: scale_sides(tasks, buffers, 2 if quick else 10), 3 if quick else 5
+    )
+    result = [
+        compare(
             "scale",
-            f"{r.tasks:,} tasks over 1,000 buffers: ops/s",
-            f"{r.ops_per_second:,.0f}/s",
-            f"{base.ops_per_second:,.0f}/s",
-            r.ops_per_second / base.ops_per_second,
-            ">= 0.5x",
-            r.ok and r.ops_per_second >= 0.5 * base.ops_per_second,
+            f"{label}: map+unmap, {tasks:,} tasks x {buffers:,} buffers vs 1 task",
+            figures[f"{tasks:,} tasks"],
+            figures["1 task"],
+            le=SCALE_GOAL,
         )
-        for r in results
+        for label, figures in samples.items()
     ]
+    memory = anyio.run(memfd_footprint, quick)
+    n = memory.buffers
+    for what, value in (
+        ("buffer", memory.per_buffer),
+        ("attachment", memory.per_attachment),
+        ("mapping", memory.per_mapping),
+    ):
+        goal = MEMORY_GOALS[what]
+        result.append(
+            Row(
+                "memory",
+                f"Python memory per live memfd {what} ({n:,} live, tracemalloc)",
+                f"{value:,.0f} B",
+                "",
+                None,
+                f"<= {goal} B",
+                value <= goal,
+            )
+        )
+    if not quick:
+        counts = (TASKS[0], TASKS[-1])
+        stress = alternate(lambda: stress_sides(counts, 20_000), 3, ["asyncio"])
+        for label, figures in stress.items():
+            result.append(
+                compare(
+                    "scale",
+                    f"{label}: stress ops/s, {counts[-1]:,} vs {counts[0]} tasks "
+                    "over 1,000 buffers",
+                    figures[f"{counts[-1]:,} tasks"],
+                    figures[f"{counts[0]:,} tasks"],
+                    fmt=fmt_rate,
+                    ge=0.5,
+                )
+            )
+    return result
 
 
 def main() -> None:
@@ -192,19 +336,22 @@ def main() -> None:
     if args.quick:
         args.ops, args.buffers = 20_000, 10_000
     backend, options = BACKENDS[args.backend]
-    console = Console()
-    rows = anyio.run(scaling, TASKS, args.ops, backend=backend, backend_options=options)
+    console = wide_console()
+    console.print(render(rows(args.quick), "per-op cost and memory at scale"))
+    counts = anyio.run(
+        scaling, TASKS, args.ops, backend=backend, backend_options=options
+    )
     table = Table(
         title=f"throughput vs tasks on one {args.backend} loop, 1,000 buffers"
     )
     for column in ("tasks", "ops", "ops/s", f"vs {TASKS[0]} tasks", "invariants"):
         table.add_column(column, justify="right")
-    for r in rows:
+    for r in counts:
         table.add_row(
             f"{r.tasks:,}",
             f"{r.ops:,}",
             f"{r.ops_per_second:,.0f}",
-            f"{r.ops_per_second / rows[0].ops_per_second:.2f}x",
+            f"{r.ops_per_second / counts[0].ops_per_second:.2f}x",
             "held" if r.ok else "FAILED",
         )
     console.print(table)

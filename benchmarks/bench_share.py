@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from multiprocessing import resource_tracker, shared_memory
 
 import anyio
@@ -39,7 +40,7 @@ from rich.table import Table
 
 import asyncdmabuf as dmabuf
 from asyncdmabuf._backends import BACKENDS
-from asyncdmabuf._bench import Row, fmt_us, goal_le
+from asyncdmabuf._bench import Row, compare
 from asyncdmabuf.exporters import MemfdExporter
 
 KIB = 1 << 10
@@ -89,8 +90,9 @@ def shm_peer(conn: multiprocessing.connection.Connection) -> None:
         assert buf is not None
         first, last = buf[0], buf[-1]
         conn.send_bytes(bytes(((first ^ last) | 1,)))
-        # Python < 3.13 registers attached segments for unlinking at exit.
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+        # Python < 3.13 registers attached segments with the resource tracker
+        # too: the parent's, shared (time_shm starts it before forking us), so
+        # the name stays registered once and the parent's unlink unregisters it.
         del buf
         shm.close()
 
@@ -156,6 +158,7 @@ async def _time_dmabuf(
 def time_shm(sizes: list[int], reps: Callable[[int], int]) -> list[list[float]]:
     """Latencies of handing a SharedMemory segment's name to a peer process."""
     ctx = multiprocessing.get_context("fork")
+    resource_tracker.ensure_running()  # one tracker, shared with the peer
     mine, theirs = ctx.Pipe()
     peer = ctx.Process(target=shm_peer, args=(theirs,))
     peer.start()
@@ -206,48 +209,51 @@ def time_pickle(sizes: list[int], reps: Callable[[int], int]) -> list[list[float
 
 
 def rows(quick: bool) -> list[Row]:
-    """The figures ``asyncdmabuf bench`` shows for this benchmark."""
+    """The figures ``asyncdmabuf bench`` shows for this benchmark.
+
+    Rounds alternate the three ways (each round starts its peers afresh and
+    reverses the order of the last); a row's figure is the median of every
+    sample of every round.
+    """
     sizes = [4 << 10, 1 << 20] if quick else [4 << 10, 1 << 20, 64 << 20]
+    rounds = 3 if quick else 5
 
     def reps(size: int) -> int:
-        return 20 if quick else 100
+        return 7 if quick else 20
 
     def copy_reps(size: int) -> int:
-        return 5 if size > 1 << 20 else (20 if quick else 50)
+        return 2 if size > 1 << 20 else reps(size)
 
-    ours = time_dmabuf(sizes, reps, "asyncio")
-    shm = time_shm(sizes, reps)
-    pickled = time_pickle(sizes, copy_reps)
-    rows = []
-    median = statistics.median
+    ways: dict[str, Callable[[], list[list[float]]]] = {
+        "asyncdmabuf": lambda: time_dmabuf(sizes, reps, "asyncio"),
+        "shared_memory": lambda: time_shm(sizes, reps),
+        "pickle": lambda: time_pickle(sizes, copy_reps),
+    }
+    samples: dict[str, list[list[float]]] = {way: [[] for _ in sizes] for way in ways}
+    for i in range(rounds):
+        for way in list(ways)[::-1] if i % 2 else list(ways):
+            for mine, got in zip(samples[way], ways[way](), strict=True):
+                mine.extend(got)
+    result = []
     for i, size in enumerate(sizes):
         label = human(size)
-        mine = median(ours[i])
-        ratio = mine / median(shm[i])
-        goal, met = goal_le(ratio, 2.0)
-        rows.append(
-            Row(
-                "hand-off",
-                f"{label}: send_buffer vs shared_memory by name",
-                fmt_us(mine),
-                fmt_us(median(shm[i])),
-                ratio,
-                goal,
-                met,
-            )
+        ours = samples["asyncdmabuf"][i]
+        row = compare(
+            "hand-off",
+            f"{label}: send_buffer vs shared_memory by name",
+            ours,
+            samples["shared_memory"][i],
+            le=2.0,
         )
-        rows.append(
-            Row(
-                "hand-off",
-                f"{label}: send_buffer vs pickle through a Pipe",
-                fmt_us(mine),
-                fmt_us(median(pickled[i])),
-                mine / median(pickled[i]),
-                "",
-                None,
-            )
+        result.append(replace(row, rounds=rounds))
+        row = compare(
+            "hand-off",
+            f"{label}: send_buffer vs pickle through a Pipe",
+            ours,
+            samples["pickle"][i],
         )
-    return rows
+        result.append(replace(row, rounds=rounds))
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

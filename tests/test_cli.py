@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -453,3 +454,144 @@ def test_the_stream_report_fits_80_columns() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     too_long = [line for line in done.stdout.splitlines() if len(line.rstrip()) > 80]
     assert not too_long, too_long
+
+
+# -- asyncdmabuf bench ------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_benchmarks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A benchmarks folder of three modules: a goal met, one missed, one failing.
+
+    ``bench`` runs these instead of the checkout's (which take a minute); the
+    checkout's own ``benchmarks`` package is put back afterwards.
+    """
+    from asyncdmabuf import _bench
+
+    folder = tmp_path / "benchmarks"
+    folder.mkdir()
+    (folder / "__init__.py").write_text("")
+    row = "from asyncdmabuf._bench import Row\n"
+    (folder / "good.py").write_text(
+        row + "def rows(quick):\n"
+        "    return [Row('g', 'fast enough', '1 µs', '2 µs', 0.5, '<= 1x', True)]\n"
+    )
+    (folder / "slow.py").write_text(
+        row + "def rows(quick):\n"
+        "    return [Row('g', 'too slow', '3 µs', '2 µs', 1.5, '<= 1x', False)]\n"
+    )
+    (folder / "boom.py").write_text("def rows(quick):\n    raise OSError('no disk')\n")
+    saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] == "benchmarks"}
+    monkeypatch.setattr(_bench, "find_benchmarks", lambda: folder)
+    monkeypatch.setattr(
+        _bench,
+        "BENCHMARKS",
+        (("good", "good"), ("slow", "slow"), ("boom", "boom"), ("gone", "gone")),
+    )
+    yield folder
+    for name in [k for k in sys.modules if k.split(".")[0] == "benchmarks"]:
+        del sys.modules[name]
+    sys.modules.update(saved)
+
+
+def _bench_run(**kwargs: object) -> tuple[int, str]:
+    import io
+
+    from rich.console import Console
+
+    from asyncdmabuf._bench import run_bench
+
+    out = io.StringIO()
+    console = Console(file=out, width=200)
+    status = run_bench(console, quick=True, json_path=None, **kwargs)  # type: ignore[arg-type]
+    return status, out.getvalue()
+
+
+def test_bench_strict_fails_on_a_missed_goal(fake_benchmarks: Path) -> None:
+    status, text = _bench_run(only=["good", "slow"])
+    assert status == 0  # without --strict a missed goal is reported, not failed
+    assert "NO" in text
+    status, text = _bench_run(only=["good", "slow"], strict=True)
+    assert status == 1
+    assert "fast enough" in text
+    assert "too slow" in text
+    assert "1 of 2 goals not met" in text
+    assert _bench_run(only=["good"], strict=True)[0] == 0
+
+
+def test_bench_skips_a_missing_module_and_reports_a_failing_one(
+    fake_benchmarks: Path,
+) -> None:
+    status, text = _bench_run(only=["good", "gone"], strict=True)
+    assert status == 0
+    assert "skipped: gone: benchmarks/gone.py is not in this checkout" in text
+    status, text = _bench_run(only=["good", "boom"])
+    assert status == 1  # a benchmark that fails is a failure, strict or not
+    assert "FAILED: boom (benchmarks/boom.py): OSError: no disk" in text
+    assert "fast enough" in text  # the others still report
+
+
+def test_bench_alternates_backends_and_sides_every_other_round() -> None:
+    import contextlib
+    from collections.abc import AsyncIterator
+
+    from asyncdmabuf._backends import current_loop_label
+    from asyncdmabuf._bench import Sides, alternate
+
+    calls: list[tuple[str, str]] = []
+
+    @contextlib.asynccontextmanager
+    async def sides() -> AsyncIterator[Sides]:
+        def side(name: str, figure: float) -> Callable[[], Awaitable[float]]:
+            async def measure() -> float:
+                calls.append((current_loop_label() or "?", name))
+                return figure
+
+            return measure
+
+        yield {"ours": side("ours", 1.0), "bare": side("bare", 2.0)}
+
+    samples = alternate(sides, 3, ["asyncio", "trio"])
+    assert samples == {
+        "asyncio": {"ours": [1.0] * 3, "bare": [2.0] * 3},
+        "trio": {"ours": [1.0] * 3, "bare": [2.0] * 3},
+    }
+    forward = [
+        ("asyncio", "ours"),
+        ("asyncio", "bare"),
+        ("trio", "ours"),
+        ("trio", "bare"),
+    ]
+    assert calls == forward + forward[::-1] + forward
+
+
+def test_bench_registers_every_benchmark_and_the_stream_one() -> None:
+    from asyncdmabuf._bench import BENCHMARKS, bench_names
+
+    titles = dict(BENCHMARKS)
+    assert titles["stream frames to other processes"] == "bench_stream"
+    assert set(bench_names()) >= {
+        "bench_map",
+        "bench_paths",
+        "bench_cpu",
+        "bench_pool",
+        "bench_scale",
+        "stress",
+    }
+
+
+def test_bench_runs_one_benchmark_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    done = run_cli("bench", "--quick", "--only", "bench_fence", "--json", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "measured on:" in done.stdout
+    document = json.loads(out.read_text())
+    assert document["machine"]["python"].startswith("CPython")
+    rows = document["rows"]
+    assert rows
+    assert all(row["goal"] and row["rounds"] >= 3 for row in rows)
+    assert {row["what"].split(":")[0] for row in rows} <= {"asyncio", "uvloop", "trio"}
+
+
+def test_bench_only_takes_known_names() -> None:
+    assert_usage_error(run_cli("bench", "--only", "bench_nope"), "--only", "bench_nope")

@@ -603,6 +603,40 @@ async def test_acquire_always_checkpoints() -> None:
         pool.release(buf)
 
 
+async def test_acquire_of_a_dirty_buffer_checkpoints_and_zeroes_it() -> None:
+    # The fast path: the zeroing's CPU access is the acquire's checkpoint.
+    async with BufferPool(MemfdExporter(), 4096, max_buffers=1) as pool:
+        buf = await pool.acquire()
+        await _write(buf, SECRET)
+        pool.release(buf)
+        async with assert_checkpoints():
+            again = await pool.acquire()
+        assert again is buf
+        assert await _read(again) == bytes(4096)
+        pool.release(again)
+
+
+async def test_pooled_buffers_that_never_see_a_fence_get_no_reservation() -> None:
+    async with BufferPool(MemfdExporter(), 4096, max_buffers=1) as pool:
+        for _ in range(2):
+            async with pool.buffer() as buf:
+                pass
+            pool.release(await pool.acquire())
+        assert buf.pending_resv() is None
+
+
+async def test_a_buffer_block_is_entered_once() -> None:
+    async with BufferPool(MemfdExporter(), 4096, max_buffers=2) as pool:
+        block = pool.buffer()
+        async with block:
+            with pytest.raises(RuntimeError, match="once"):
+                await block.__aenter__()
+        assert pool.statistics().lent == 0
+        with pytest.raises(RuntimeError, match="once"):
+            await block.__aenter__()  # not after it ended either
+        assert pool.statistics().lent == 0
+
+
 # -- no byte of one owner ever reaches the next (property) ----------------------------
 
 OPS = ("acquire", "write", "expose", "fence", "signal", "cpu_open", "release")

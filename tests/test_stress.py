@@ -461,8 +461,8 @@ def test_bench_imports_its_benchmarks_as_a_package_and_calls_rows() -> None:
     assert folder is not None
     path_before = list(sys.path)
     for _, name in BENCHMARKS:
-        if name is None:
-            continue
+        if name is None or not (folder / f"{name}.py").is_file():
+            continue  # the stress engine; a benchmark not in this checkout
         if name == "bench_cpu":
             pytest.importorskip("numpy")
         module = load_benchmark(folder, name)

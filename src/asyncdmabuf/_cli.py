@@ -42,6 +42,7 @@ from rich.table import Table
 
 from . import _bufinfo_cli
 from ._backends import BACKENDS
+from ._bench import bench_names
 from ._errors import DmaBufError
 from ._layout import FrameLayout
 from ._stress import (
@@ -382,7 +383,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--json", type=Path, metavar="FILE", help="write every figure")
     bench.add_argument(
-        "--strict", action="store_true", help="exit 1 if any goal is not met"
+        "--strict",
+        action="store_true",
+        help="exit 1 if any goal is not met (always: 1 if a benchmark fails)",
+    )
+    bench.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        choices=bench_names(),
+        metavar="NAME",
+        help="run only this benchmark (may be repeated): " + ", ".join(bench_names()),
     )
     bench.set_defaults(handler=_bench_command)
 
@@ -1312,5 +1323,10 @@ def _bench_command(args: argparse.Namespace, console: Console, errors: Console) 
     from ._bench import run_bench
 
     _check_writable(args.json, "--json")
-    status = run_bench(console, quick=args.quick, json_path=args.json)
-    return status if args.strict or status != 1 else EXIT_OK
+    return run_bench(
+        console,
+        quick=args.quick,
+        json_path=args.json,
+        strict=args.strict,
+        only=args.only,
+    )

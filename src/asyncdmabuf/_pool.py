@@ -32,13 +32,11 @@ handed to an acquirer cancelled before it ran comes back through
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import inspect
 import warnings
 import weakref
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, final
@@ -54,7 +52,7 @@ from ._types import Usage
 from ._validate import check_int, check_name
 from ._waitqueue import WaitQueue
 
-__all__ = ["Allocator", "BufferPool", "PoolStatistics"]
+__all__ = ["Allocator", "BufferPool", "Lending", "PoolStatistics"]
 
 
 class Allocator(Protocol):
@@ -249,6 +247,12 @@ class BufferPool:
             OutOfMemory: The exporter could not allocate a new buffer.
         """
         self._check_open()
+        if self._fenced:
+            self._poll_fenced()
+        if self._free and not self._queue:
+            # The fast path: one suspension, the checkpoint of the zeroing
+            # (or, for a buffer zeroed already, a bare one).
+            return await self._prepare(self._free.pop(), checkpoint=True)
         await anyio.lowlevel.checkpoint()
         self._check_open()
         self._poll_fenced()
@@ -318,11 +322,13 @@ class BufferPool:
         await buf.resv.wait(Usage.BOOKKEEP)
         self._fence_signalled(buf, None)
 
-    async def _prepare(self, buf: DmaBuf | None) -> DmaBuf:
+    async def _prepare(self, buf: DmaBuf | None, *, checkpoint: bool = False) -> DmaBuf:
         """Make a buffer (or a slot) ready for a new owner, then lend it.
 
-        On failure or cancellation the buffer, or the slot, goes to the next
-        waiter; if the pool closed meanwhile, the buffer is put.
+        With ``checkpoint``, this is the acquire's checkpoint: zeroing is one
+        (CPU access always checkpoints), else a bare one is taken. On failure
+        or cancellation the buffer, or the slot, goes to the next waiter; if
+        the pool closed meanwhile, the buffer is put.
         """
         try:
             if buf is None:
@@ -330,6 +336,8 @@ class BufferPool:
                 self._check_open()
                 buf = await self._allocate()
             elif buf in self._clean:
+                if checkpoint:
+                    await anyio.lowlevel.checkpoint()
                 self._clean.discard(buf)
                 self._reused += 1
             else:
@@ -418,7 +426,7 @@ class BufferPool:
             self._replaced += 1
             self._hand_on(None)
             return buf
-        if not buf.resv.test(Usage.BOOKKEEP):
+        if not _unfenced(buf):
             self._set_aside(buf)
         else:
             self._hand_on(buf)
@@ -470,7 +478,7 @@ class BufferPool:
 
     def _fence_signalled(self, buf: DmaBuf, _: Fence | None) -> None:
         """A fence of a set-aside buffer signalled: free it once all have."""
-        if buf not in self._fenced or not buf.resv.test(Usage.BOOKKEEP):
+        if buf not in self._fenced or not _unfenced(buf):
             return
         # Testing polls a fence known by its fd, whose signal may call this
         # again: whichever call pops the buffer hands it on.
@@ -489,8 +497,7 @@ class BufferPool:
 
     # -- the async form -------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def buffer(self) -> AsyncIterator[DmaBuf]:
+    def buffer(self) -> Lending:
         """``async with pool.buffer() as buf``: acquire, then release on exit.
 
         On a clean exit a reusable buffer is zeroed before it goes back (so
@@ -502,17 +509,15 @@ class BufferPool:
         Raises:
             As :meth:`acquire` and :meth:`release`.
         """
-        buf = await self.acquire()
-        try:
-            yield buf
-        except BaseException:
-            await self._give_back(buf)
-            raise
+        return Lending(self)
+
+    async def _end_lending(self, buf: DmaBuf) -> None:
+        """The clean exit of ``pool.buffer()``: zero what may be reused, give back."""
         if (
             weakref.ref(buf) in self._lent  # not released in the body already
             and self._private(buf)
             and not self._closed
-            and buf.resv.test(Usage.BOOKKEEP)
+            and _unfenced(buf)
         ):
             try:
                 async with buf.cpu_access("w") as view:
@@ -573,6 +578,39 @@ class BufferPool:
         await self.aclose()
 
 
+@final
+class Lending:
+    """What :meth:`BufferPool.buffer` returns: ``async with`` it for a buffer."""
+
+    __slots__ = ("_buf", "_entered", "_pool")
+
+    def __init__(self, pool: BufferPool) -> None:
+        self._pool = pool
+        self._buf: DmaBuf | None = None
+        self._entered = False
+
+    async def __aenter__(self) -> DmaBuf:
+        if self._entered:
+            raise RuntimeError("a pool.buffer() block can be entered only once")
+        self._entered = True
+        buf = self._buf = await self._pool.acquire()
+        return buf
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        buf = self._buf
+        assert buf is not None
+        self._buf = None  # the block holds the buffer no longer than it lasts
+        if exc is None:
+            await self._pool._end_lending(buf)
+        else:  # the body's exception propagates once the buffer is back
+            await self._pool._give_back(buf)
+
+
 def _put_now(buf: DmaBuf) -> None:
     """Put ``buf`` from synchronous code (a release after the pool closed).
 
@@ -607,10 +645,23 @@ def _put_now(buf: DmaBuf) -> None:
     )
 
 
+def _unfenced(buf: DmaBuf) -> bool:
+    """Whether every fence of ``buf`` has signalled (making no reservation)."""
+    resv = buf.pending_resv()
+    return resv is None or resv.test(Usage.BOOKKEEP)
+
+
+#: Zero bytes a small buffer is zeroed from: a slice assignment costs a tenth
+#: of making the ctypes array a memset needs.
+_ZEROS = bytes(1 << 16)
+_ZERO_VIEW = memoryview(_ZEROS)
+
+
 def _zero(view: memoryview) -> None:
     """Set every byte of a writable view to zero, at memset speed."""
     n = len(view)
-    if not n:
+    if n <= len(_ZEROS) and view.ndim == 1 and view.format == "B":
+        view[:] = _ZERO_VIEW[:n]
         return
     chars = (ctypes.c_char * n).from_buffer(view)
     try:
