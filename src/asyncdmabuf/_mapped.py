@@ -224,7 +224,7 @@ class MappedExporter(Exporter):
 
     def try_map(self, attachment: Attachment, direction: Direction) -> SgTable:
         """Return the table; never waits."""
-        return SgTable(attachment.priv, direction=direction, attachment=attachment)
+        return SgTable(attachment.priv, direction, attachment)  # by position: faster
 
     def unmap(
         self, attachment: Attachment, sgt: SgTable, direction: Direction
