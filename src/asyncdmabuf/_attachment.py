@@ -159,7 +159,7 @@ class Attachment:
         coro = self._map(direction)
         if not interruptible:
             coro = _shielded(coro)
-        return Operation(coro, self._unmap_if_mapped)
+        return Operation(coro, unmap_if_mapped)
 
     async def _map(self, direction: Direction) -> SgTable:
         buf = self._buffer
@@ -324,9 +324,6 @@ class Attachment:
             lock.release()
         return True
 
-    def _unmap_if_mapped(self, sgt: SgTable) -> Awaitable[object] | None:
-        return self._unmap(sgt) if self.is_mapped(sgt) else None
-
     def _check_mapped(self, sgt: SgTable) -> None:
         if sgt._attachment is not self:
             raise InvalidArgument(f"{sgt!r} was not mapped by {self!r}")
@@ -417,6 +414,12 @@ class Attachment:
         except Exception as exc:
             errors.append(exc)
         return done
+
+
+def unmap_if_mapped(sgt: SgTable) -> Awaitable[object] | None:
+    """The undo of ``async with att.map(d)``; None when done without waiting."""
+    att = sgt._attachment
+    return att._unmap(sgt) if att.is_mapped(sgt) else None
 
 
 async def detach_if_attached(att: Attachment) -> None:
