@@ -164,11 +164,12 @@ class Attachment:
     async def _map(self, direction: Direction) -> SgTable:
         buf = self._buffer
         lock = buf._lock
-        await lock.checkpoint()
-        held = False
-        if lock.contended():
-            await lock.wait_turn()
-            held = True
+        held = lock.contended()
+        if not held:
+            await lock.checkpoint()
+            held = lock.contended()  # another task may have taken it meanwhile
+        if held:
+            await lock.wait_turn()  # the wait is the checkpoint: none before it
         try:
             if not self._attached:
                 self._check_usable()  # raises
