@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from typing import Any, ClassVar
 
 import anyio
 import anyio.lowlevel
@@ -461,5 +462,181 @@ async def test_async_with_exit_does_not_checkpoint_when_uncontended() -> None:
     async with assert_no_checkpoints():
         await op.__aexit__(None, None, None)
     assert att.mappings == ()
+    await att.detach()
+    await buf.put()
+
+
+# -- the fast path: plain ops inline, async ops under the lock (issue 14) ---------
+
+
+class _LockWitness(dmabuf.Exporter):
+    """Plain or async map/unmap that record whether the buffer's lock is held."""
+
+    name: ClassVar[str] = "witness"
+
+    def __init__(self, *, plain: bool) -> None:
+        self.plain = plain
+        self.locked: list[tuple[str, bool]] = []
+        self.gate: anyio.Event | None = None
+
+    def _see(self, op: str, att: dmabuf.Attachment) -> None:
+        self.locked.append((op, att.buffer.lock_statistics().locked))
+
+    def map(self, attachment: dmabuf.Attachment, direction: Direction) -> Any:
+        table = dmabuf.SgTable(
+            [dmabuf.SgEntry(BASE, attachment.buffer.size, 0)], direction, attachment
+        )
+        if self.plain:
+            self._see("map", attachment)
+            return table
+
+        async def mapping() -> dmabuf.SgTable:
+            self._see("map", attachment)
+            await anyio.lowlevel.checkpoint()
+            return table
+
+        return mapping()
+
+    def unmap(
+        self, attachment: dmabuf.Attachment, sgt: dmabuf.SgTable, direction: Direction
+    ) -> Any:
+        if self.plain:
+            self._see("unmap", attachment)
+            return None
+
+        async def unmapping() -> None:
+            self._see("unmap", attachment)
+            if self.gate is not None:
+                await self.gate.wait()
+
+        return unmapping()
+
+    def release(self, buf: dmabuf.DmaBuf) -> None:
+        pass
+
+
+async def test_an_async_op_holds_the_lock_from_its_first_step() -> None:
+    exp = _LockWitness(plain=False)
+    buf = dmabuf.export(exp, 4096)
+    att = await buf.attach(dmabuf.Device("d"))
+    async with assert_checkpoints():
+        sgt = await att.map(Direction.TO_DEVICE)
+    async with assert_checkpoints():
+        await att.unmap(sgt)
+    assert exp.locked == [("map", True), ("unmap", True)]
+    assert not buf._lock.locked()
+    await att.detach()
+    await buf.put()
+
+
+async def test_an_async_unmap_keeps_others_out_until_it_ends() -> None:
+    exp = _LockWitness(plain=False)
+    buf = dmabuf.export(exp, 4096)
+    att = await buf.attach(dmabuf.Device("d"))
+    sgt = await att.map(Direction.TO_DEVICE)
+    exp.gate = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(att.unmap, sgt)
+        await wait_all_blocked()
+        with pytest.raises(dmabuf.Busy):
+            att.try_map(Direction.TO_DEVICE)
+        exp.gate.set()
+    assert att.mappings == ()
+    assert not buf._lock.locked()
+    await att.detach()
+    await buf.put()
+
+
+async def test_a_plain_op_waits_its_turn_behind_a_holder() -> None:
+    exp = _LockWitness(plain=True)
+    buf = dmabuf.export(exp, 4096)
+    att = await buf.attach(dmabuf.Device("d"))
+    sgt = await att.map(Direction.TO_DEVICE)  # free lock: inline
+    await att.unmap(sgt)
+    assert buf._lock.acquire_nowait()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(att.map, Direction.TO_DEVICE)
+        await wait_all_blocked()
+        assert exp.locked[2:] == []  # still queued: the exporter was not called
+        buf._lock.release()
+    (sgt,) = att.mappings
+    assert buf._lock.acquire_nowait()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(att.unmap, sgt)
+        await wait_all_blocked()
+        assert sgt.valid
+        buf._lock.release()
+    # Inline while the lock was free; under the handed-over lock after a wait.
+    assert exp.locked == [
+        ("map", False),
+        ("unmap", False),
+        ("map", True),
+        ("unmap", True),
+    ]
+    assert not buf._lock.locked()
+    await att.detach()
+    await buf.put()
+
+
+async def test_mappings_stay_in_map_order_from_one_table_to_many() -> None:
+    buf = RecordingExporter().make()
+    att = await buf.attach(dmabuf.Device("d"))
+    first = att.try_map(Direction.TO_DEVICE)
+    assert att.mappings == (first,)
+    second = await att.map(Direction.TO_DEVICE)
+    third = att.try_map(Direction.FROM_DEVICE)
+    assert att.mappings == (first, second, third)
+    await att.unmap(first)
+    assert att.mappings == (second, third)
+    assert not first.valid
+    assert second.valid
+    assert third.valid
+    with pytest.raises(dmabuf.InvalidArgument):
+        await att.unmap(first)
+    fourth = att.try_map(Direction.TO_DEVICE)
+    assert att.mappings == (second, third, fourth)
+    for sgt in (third, second, fourth):
+        await att.unmap(sgt)
+    assert att.mappings == ()
+    assert "0 mapped" in repr(att)
+    again = att.try_map(Direction.TO_DEVICE)
+    assert att.mappings == (again,)
+    assert again.valid
+    await att.unmap(again)
+    await att.detach()
+    await buf.put()
+
+
+async def test_a_table_returned_twice_while_mapped_is_refused() -> None:
+    exp = RecordingExporter()
+    buf = exp.make()
+    att = await buf.attach(dmabuf.Device("d"))
+    sgt = att.try_map(Direction.TO_DEVICE)
+    exp.table_factory = lambda attachment, direction: sgt
+    with pytest.raises(dmabuf.DmaBufError, match="not a fresh"):
+        att.try_map(Direction.TO_DEVICE)
+    with pytest.raises(dmabuf.DmaBufError, match="not a fresh"):
+        await att.map(Direction.TO_DEVICE)
+    assert att.mappings == (sgt,)
+    assert not buf._lock.locked()
+    await att.unmap(sgt)
+    await att.detach()
+    await buf.put()
+
+
+async def test_sgtable_takes_its_fields_by_position_or_by_name() -> None:
+    buf = RecordingExporter().make()
+    att = await buf.attach(dmabuf.Device("d"))
+    entries = [dmabuf.SgEntry(BASE, 4096, 0)]
+    by_position = dmabuf.SgTable(entries, Direction.TO_DEVICE, att)
+    by_name = dmabuf.SgTable(entries, direction=Direction.TO_DEVICE, attachment=att)
+    assert (by_position.entries, by_position.direction, by_position.attachment) == (
+        by_name.entries,
+        by_name.direction,
+        by_name.attachment,
+    )
+    assert dmabuf.SgTable(entries, 1, att).direction is Direction.TO_DEVICE  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        dmabuf.SgTable(entries, Direction.TO_DEVICE, object())  # type: ignore[arg-type]
     await att.detach()
     await buf.put()

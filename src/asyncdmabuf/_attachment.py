@@ -6,12 +6,18 @@ mapped, checks every table its exporter returns (once per cached layout), and
 unmaps and detaches. Every operation takes the buffer's lock; state changes
 happen synchronously while it is held, between awaits, so a cancellation at
 any await leaves either the old state or the new one.
+
+The common case is fast: when the lock is free and the exporter's op is a
+plain function (it never waits), the op runs inline, between the operation's
+one checkpoint and its return. Nothing can run in between, so holding the
+lock there would exclude nobody; the lock is taken before the first await
+that could let another task in (a queue, or an op that is a coroutine).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar, final
 
 import anyio
@@ -30,8 +36,9 @@ if TYPE_CHECKING:
 __all__ = ["Attachment", "MoveNotify"]
 
 T = TypeVar("T")
-#: Shared by every attachment that has never mapped; never written.
-_NO_MAPPINGS: dict[SgTable, None] = {}
+#: What an attachment has mapped: nothing, one table, or (two or more, ever)
+#: an insertion-ordered dict of them. One table needs no container at all.
+_Mapped = SgTable | dict[SgTable, None] | None
 MoveNotify = Callable[["Attachment"], object]
 
 
@@ -49,7 +56,7 @@ class Attachment:
         "_buffer",
         "_checked",
         "_device",
-        "_mappings",
+        "_mapped",
         "_move_notify",
         "priv",
     )
@@ -62,8 +69,7 @@ class Attachment:
         self._move_notify = move_notify
         #: The exporter's state for this attachment (the kernel's ``attach->priv``).
         self.priv: Any = None
-        # Insertion-ordered; a dict so that lookup and removal are O(1).
-        self._mappings: dict[SgTable, None] = _NO_MAPPINGS  # own dict at first map
+        self._mapped: _Mapped = None  # see _Mapped
         self._attached = False
         # The last entries tuple checked for this attachment's device.
         self._checked: tuple[SgEntry, ...] | None = None
@@ -91,11 +97,17 @@ class Attachment:
     @property
     def mappings(self) -> tuple[SgTable, ...]:
         """The tables mapped and not yet unmapped, oldest first."""
-        return tuple(self._mappings)
+        mapped = self._mapped
+        if mapped is None:
+            return ()
+        if type(mapped) is SgTable:
+            return (mapped,)
+        return tuple(mapped)
 
     def is_mapped(self, sgt: SgTable) -> bool:
         """Return whether ``sgt`` is one of this attachment's live mappings."""
-        return sgt in self._mappings
+        mapped = self._mapped
+        return mapped is sgt or (type(mapped) is dict and sgt in mapped)
 
     def move_notify(self) -> None:
         """Tell a dynamic importer its buffer is about to move (exporters call this).
@@ -109,7 +121,7 @@ class Attachment:
         state = "attached" if self._attached else "detached"
         return (
             f"<Attachment {self._device.name!r} to {self._buffer!r}, "
-            f"{len(self._mappings)} mapped, {state}>"
+            f"{len(self.mappings)} mapped, {state}>"
         )
 
     def _check_usable(self) -> None:
@@ -140,28 +152,38 @@ class Attachment:
             InvalidArgument: The attachment is detached or the buffer released.
             DmaBufError: The exporter failed, or returned a broken table.
         """
-        direction = check_direction(direction)
-        self._check_usable()
+        if type(direction) is not Direction:
+            direction = check_direction(direction)
+        if not self._attached:  # a released buffer has detached it too
+            self._check_usable()  # raises
         coro = self._map(direction)
         if not interruptible:
             coro = _shielded(coro)
-        return Operation(coro, self._unmap_if_mapped)
+        return Operation(coro, unmap_if_mapped)
 
     async def _map(self, direction: Direction) -> SgTable:
         buf = self._buffer
         lock = buf._lock
-        if not lock.contended():  # else the wait below is the checkpoint
+        held = lock.contended()
+        if not held:
             await lock.checkpoint()
-        if not lock.acquire_nowait():
-            await lock.wait_turn()
+            held = lock.contended()  # another task may have taken it meanwhile
+        if held:
+            await lock.wait_turn()  # the wait is the checkpoint: none before it
         try:
-            self._check_usable()
-            result = buf.exporter.map(self, direction)
-            # A plain map (it never waits) returns the table itself.
-            sgt = result if isinstance(result, SgTable) else await result
+            if not self._attached:
+                self._check_usable()  # raises
+            buf._check_live()
+            sgt = buf._exporter.map(self, direction)
+            if type(sgt) is not SgTable:  # a coroutine: it may let others in
+                if not held:
+                    held = lock.acquire_nowait()  # free: nothing ran since
+                    assert held, "the exporter's map took the buffer's lock"
+                sgt = await sgt
             self._record(sgt, direction)
         finally:
-            lock.release()
+            if held:
+                lock.release()
         return sgt
 
     def try_map(self, direction: Direction) -> SgTable:
@@ -177,12 +199,15 @@ class Attachment:
             TypeError: ``direction`` is not a :class:`Direction`.
             InvalidArgument: The attachment is detached or the buffer released.
         """
-        direction = check_direction(direction)
-        self._check_usable()
+        if type(direction) is not Direction:
+            direction = check_direction(direction)
         buf = self._buffer
+        if not self._attached:
+            self._check_usable()  # raises
+        buf._check_live()
         if buf._lock.contended():
             raise Busy(f"{buf!r} is locked")
-        sgt = buf.exporter.try_map(self, direction)
+        sgt = buf._exporter.try_map(self, direction)
         self._record(sgt, direction)
         return sgt
 
@@ -195,11 +220,13 @@ class Attachment:
                 device's constraints.
         """
         # The hot path of every map: the table's fields are read directly.
+        mapped = self._mapped
         if (
             type(sgt) is not SgTable
             or sgt._attachment is not self
             or sgt._direction is not direction
-            or sgt in self._mappings
+            or mapped is sgt
+            or (type(mapped) is dict and sgt in mapped)
         ):
             raise DmaBufError(
                 f"exporter {self._buffer.exporter.name!r} returned {sgt!r}, "
@@ -209,9 +236,21 @@ class Attachment:
         if entries is not self._checked:
             check_entries(entries, self._buffer.size, self._device)
             self._checked = entries
-        if self._mappings is _NO_MAPPINGS:
-            self._mappings = {}
-        self._mappings[sgt] = None
+        if mapped is None:
+            self._mapped = sgt
+        elif type(mapped) is SgTable:
+            self._mapped = {mapped: None, sgt: None}
+        else:
+            mapped[sgt] = None
+
+    def _forget(self, sgt: SgTable) -> None:
+        """Drop ``sgt`` from the live mappings (it is one)."""
+        mapped = self._mapped
+        if mapped is sgt:
+            self._mapped = None
+        else:
+            assert type(mapped) is dict
+            del mapped[sgt]
 
     async def unmap(self, sgt: SgTable) -> None:
         """Unmap a table returned by :meth:`map` or :meth:`try_map`.
@@ -227,37 +266,69 @@ class Attachment:
             InvalidArgument: The table is not mapped (never was, or already
                 unmapped), or belongs to another attachment.
         """
-        waited = await self._unmap(sgt)
-        await self._buffer._lock.finish(waited)
+        lock = self._buffer._lock
+        pending = self._unmap(sgt)
+        if pending is None:
+            await lock.checkpoint()
+        else:
+            await lock.finish(await pending)
 
-    async def _unmap(self, sgt: SgTable) -> bool:
-        """:meth:`unmap` without the final checkpoint (for ``__aexit__``).
+    def _unmap(self, sgt: SgTable) -> Awaitable[bool] | None:
+        """:meth:`unmap` without the final checkpoint (also for ``__aexit__``).
 
         Returns:
-            Whether it waited for the lock.
+            None when it is done already (the lock was free and the exporter's
+            ``unmap`` plain); otherwise what completes it, which returns
+            whether it waited for the lock.
         """
-        if not isinstance(sgt, SgTable):
+        if type(sgt) is not SgTable:
             raise TypeError(f"unmap() needs an SgTable, not {type(sgt).__name__}")
-        self._check_mapped(sgt)
+        if self._mapped is not sgt:  # the common case of one table is inline
+            self._check_mapped(sgt)
         buf = self._buffer
-        lock = buf._lock
+        if buf._lock.contended():
+            return self._unmap_queued(sgt)
+        if self._mapped is sgt:
+            self._mapped = None
+        else:
+            self._forget(sgt)
+        result = buf._exporter.unmap(self, sgt, sgt._direction)
+        if result is None:
+            return None  # a plain unmap: done, nobody ran meanwhile
+        return self._unmap_async(result)
+
+    async def _unmap_async(self, result: Awaitable[None]) -> bool:
+        """Complete an exporter's ``unmap`` that is a coroutine, holding the lock.
+
+        Returns:
+            Whether it waited for the lock (it is free unless the exporter's
+            call took it).
+        """
+        lock = self._buffer._lock
         waited = await lock.acquire_shielded()
         try:
-            self._check_mapped(sgt)
-            del self._mappings[sgt]
-            await run_undo(buf.exporter.unmap(self, sgt, sgt.direction))
+            await run_undo(result)
         finally:
             lock.release()
         return waited
 
-    async def _unmap_if_mapped(self, sgt: SgTable) -> None:
-        if sgt in self._mappings:
-            await self._unmap(sgt)
+    async def _unmap_queued(self, sgt: SgTable) -> bool:
+        """Unmap once the contended lock is this task's (shielded wait)."""
+        buf = self._buffer
+        lock = buf._lock
+        await lock.wait_turn(shielded=True)
+        try:
+            self._check_mapped(sgt)
+            self._forget(sgt)
+            await run_undo(buf._exporter.unmap(self, sgt, sgt._direction))
+        finally:
+            lock.release()
+        return True
 
     def _check_mapped(self, sgt: SgTable) -> None:
-        if sgt.attachment is not self:
+        if sgt._attachment is not self:
             raise InvalidArgument(f"{sgt!r} was not mapped by {self!r}")
-        if sgt not in self._mappings:
+        if not self.is_mapped(sgt):
             raise InvalidArgument(f"{sgt!r} is not mapped")
 
     # -- detach -------------------------------------------------------------------
@@ -289,7 +360,7 @@ class Attachment:
         try:
             if not self._attached:
                 raise InvalidArgument(f"{self!r} is already detached")
-            leftovers = len(self._mappings)
+            leftovers = len(self.mappings)
             await self._detach_locked(errors)
         finally:
             lock.release()
@@ -310,8 +381,8 @@ class Attachment:
         to ``errors``.
         """
         exporter = self._buffer.exporter
-        for sgt in list(self._mappings):
-            del self._mappings[sgt]
+        for sgt in self.mappings:
+            self._forget(sgt)
             try:
                 await run_undo(exporter.unmap(self, sgt, sgt.direction))
             except Exception as exc:
@@ -331,8 +402,8 @@ class Attachment:
         """
         exporter = self._buffer.exporter
         done = True
-        for sgt in list(self._mappings):
-            del self._mappings[sgt]
+        for sgt in self.mappings:
+            self._forget(sgt)
             try:
                 done &= run_undo_sync(exporter.unmap(self, sgt, sgt.direction))
             except Exception as exc:
@@ -344,6 +415,12 @@ class Attachment:
         except Exception as exc:
             errors.append(exc)
         return done
+
+
+def unmap_if_mapped(sgt: SgTable) -> Awaitable[object] | None:
+    """The undo of ``async with att.map(d)``; None when done without waiting."""
+    att = sgt._attachment
+    return att._unmap(sgt) if att.is_mapped(sgt) else None
 
 
 async def detach_if_attached(att: Attachment) -> None:

@@ -22,7 +22,9 @@ class Exporter(abc.ABC):
     """Base class of every exporter.
 
     The framework calls the ops with the buffer's lock held, so an op never
-    runs concurrently with another op on the same buffer.
+    runs concurrently with another op on the same buffer. (A plain ``map``,
+    ``try_map`` or ``unmap`` called while the lock is free runs without taking
+    it: no other task can run before it returns.)
 
     Each op may be a coroutine function (``async def``): it may then wait for
     anything (sleeps, I/O, its own ``fail_after`` / ``move_on_after`` scopes),

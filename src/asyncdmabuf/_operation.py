@@ -24,14 +24,19 @@ T = TypeVar("T")
 
 @final
 class Operation(Coroutine[Any, Any, T]):
-    """A coroutine for one operation that can also undo it on ``async with`` exit."""
+    """A coroutine for one operation that can also undo it on ``async with`` exit.
+
+    ``undo`` is called with the result; it returns None when it has undone
+    the operation already (it never had to wait), else an awaitable that
+    completes the undoing.
+    """
 
     __slots__ = ("_coro", "_result", "_undo")
 
     def __init__(
         self,
         coro: Coroutine[Any, Any, T],
-        undo: Callable[[T], Awaitable[None]],
+        undo: Callable[[T], Awaitable[object] | None],
     ) -> None:
         self._coro = coro
         self._undo = undo
@@ -73,4 +78,6 @@ class Operation(Coroutine[Any, Any, T]):
     ) -> None:
         result, self._result = self._result, None
         if result is not None:
-            await self._undo(result)
+            pending = self._undo(result)  # None: undone already, without waiting
+            if pending is not None:
+                await pending

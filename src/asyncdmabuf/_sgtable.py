@@ -77,6 +77,10 @@ class SgTable(Sequence[SgEntry]):
         direction: The direction the table was mapped for.
         attachment: The attachment it was mapped for.
 
+    ``direction`` and ``attachment`` may also be passed by position, which
+    builds the table faster (Python 3.11 packs keyword arguments of a class
+    call into a dict), for an exporter's hot ``map``.
+
     Raises:
         TypeError: The direction is not one, or ``attachment`` is not an
             :class:`Attachment`.
@@ -88,11 +92,12 @@ class SgTable(Sequence[SgEntry]):
     def __init__(
         self,
         entries: Iterable[SgEntry],
-        *,
         direction: Direction,
         attachment: Attachment,
     ) -> None:
-        if not isinstance(attachment, _attachment.Attachment):
+        # Every map builds one: the checks here are the cheapest that hold
+        # (Attachment is final, so its exact type is the isinstance test).
+        if type(attachment) is not _attachment.Attachment:
             raise TypeError(
                 f"an SgTable needs an Attachment, not {type(attachment).__name__}"
             )
@@ -101,7 +106,9 @@ class SgTable(Sequence[SgEntry]):
         self._entries: tuple[SgEntry, ...] = (
             entries if type(entries) is tuple else tuple(entries)
         )
-        self._direction = check_direction(direction)
+        self._direction = (
+            direction if type(direction) is Direction else check_direction(direction)
+        )
         self._attachment = attachment
 
     @property
