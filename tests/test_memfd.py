@@ -227,8 +227,14 @@ async def test_a_devices_layout_is_worked_out_once_per_buffer() -> None:
     dev = dmabuf.Device("cached", max_segment_size=4096)
     buf = await MemfdExporter().allocate(1 << 16)
     async with buf, buf.attach(dev) as first, buf.attach(dev) as second:
+        assert first.priv is None  # an attachment never mapped costs no table
+        async with first.map(Direction.TO_DEVICE) as a:
+            pass
+        b = second.try_map(Direction.TO_DEVICE)
         assert first.priv is second.priv
         assert len(first.priv) == 16
+        assert [tuple(e) for e in a] == [tuple(e) for e in b]
+        await second.unmap(b)
 
 
 async def test_devices_attached_in_turn_each_get_their_own_table() -> None:

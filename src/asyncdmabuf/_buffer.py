@@ -458,8 +458,9 @@ class DmaBuf:
             await complete_op(self._exporter.attach(self, att))
             att._mark_attached()
             if self._attachments is None:
-                self._attachments = []
-            self._attachments.append(att)
+                self._attachments = [att]  # one slot: most buffers have one
+            else:
+                self._attachments.append(att)
         finally:
             lock.release()
         return att

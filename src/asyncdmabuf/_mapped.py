@@ -32,6 +32,7 @@ __all__ = [
     "export_mapped",
     "layout",
     "map_fd",
+    "reachable",
 ]
 
 #: The most entries a table may have; a device whose segments are so small that
@@ -77,20 +78,26 @@ def address_of(obj: Any) -> int:
         _release_buffer(ctypes.byref(view))
 
 
+def reachable(address: int, size: int, device: Device) -> bool:
+    """Whether some table of ``[address, address + size)`` honours ``device``."""
+    if address + size - 1 > device.dma_mask:
+        return False
+    segment = device.max_segment_size
+    if size <= segment:
+        return True
+    return not device.contiguous and -(-size // segment) <= MAX_TABLE_ENTRIES
+
+
 def layout(address: int, size: int, device: Device) -> tuple[SgEntry, ...] | None:
     """Split ``[address, address + size)`` into entries ``device`` can take.
 
     Returns None when no table can honour the device's constraints.
     """
-    if address + size - 1 > device.dma_mask:
+    if not reachable(address, size, device):
         return None
     segment = device.max_segment_size
     if size <= segment:  # one entry, sharing the int objects it is made of
         return (SgEntry(address, size, 0),)
-    if device.contiguous:
-        return None
-    if -(-size // segment) > MAX_TABLE_ENTRIES:
-        return None
     return tuple(
         SgEntry(address + offset, min(segment, size - offset), offset)
         for offset in range(0, size, segment)
@@ -213,6 +220,14 @@ def unreachable(address: int, size: int, device: Device) -> str:
     )
 
 
+def _entries(attachment: Attachment) -> tuple[SgEntry, ...]:
+    """The table of ``attachment``'s device, reachable since its attach."""
+    backing: MappedFile = attachment.buffer.priv
+    entries = backing.layout_for(attachment.device)
+    assert entries is not None, "attach refused a device that cannot reach it"
+    return entries
+
+
 class MappedExporter(Exporter):
     """The ops of buffers made by :func:`export_mapped`: memory always resident.
 
@@ -223,9 +238,11 @@ class MappedExporter(Exporter):
     name: ClassVar[str] = "mapped"
 
     def attach(self, buf: DmaBuf, attachment: Attachment) -> Awaitable[None] | None:
-        """Work out the device's table once; refuse a device it cannot serve.
+        """Refuse a device that cannot reach the mapping.
 
-        Plain (it never waits), like every op of this exporter.
+        Plain (it never waits), like every op of this exporter. The device's
+        table is worked out at its first map and kept in ``attachment.priv``,
+        so an attachment that is never mapped costs no table.
 
         Raises:
             Busy: The memory is already placed and the device cannot reach it;
@@ -233,24 +250,29 @@ class MappedExporter(Exporter):
         """
         backing: MappedFile = buf.priv
         device = attachment.device
-        entries = backing.layout_for(device)
-        if entries is None:
+        address = backing.address
+        if not reachable(address, buf.size, device):
             raise Busy(
                 f"{device.name!r} cannot map {buf!r}: "
-                f"{unreachable(backing.address, buf.size, device)}"
+                f"{unreachable(address, buf.size, device)}"
             )
-        attachment.priv = entries
         return None
 
     def map(
         self, attachment: Attachment, direction: Direction
     ) -> Awaitable[SgTable] | SgTable:
         """Return the table; the memory is always resident (plain, as try_map)."""
-        return SgTable(attachment.priv, direction, attachment)  # by position: faster
+        entries = attachment.priv
+        if entries is None:
+            entries = attachment.priv = _entries(attachment)
+        return SgTable(entries, direction, attachment)  # by position: faster
 
     def try_map(self, attachment: Attachment, direction: Direction) -> SgTable:
         """Return the table; never waits."""
-        return SgTable(attachment.priv, direction, attachment)  # by position: faster
+        entries = attachment.priv
+        if entries is None:
+            entries = attachment.priv = _entries(attachment)
+        return SgTable(entries, direction, attachment)  # by position: faster
 
     def unmap(
         self, attachment: Attachment, sgt: SgTable, direction: Direction
