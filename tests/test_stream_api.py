@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -188,6 +189,27 @@ async def test_bad_bind_targets() -> None:
     async with publisher() as (_, path):
         with pytest.raises(dmabuf.DmaBufError):  # EADDRINUSE
             await dmabuf.Publisher.bind(path, MemfdExporter(), 4096)
+
+
+async def test_an_exporter_without_shareable_memory_is_refused() -> None:
+    # SimDevice keeps its bytes in device memory: its buffers would travel as
+    # empty files no subscriber accepts, so the stream refuses them up front,
+    # as send_buffer refuses such a buffer (EINVAL), and leaks nothing.
+    from asyncdmabuf.exporters import SimDevice
+
+    before = fd_targets()
+    path = address()
+    with pytest.raises(dmabuf.InvalidArgument, match="no shareable memory") as info:
+        await dmabuf.Publisher.bind(path, SimDevice("sim"), LAYOUT, buffers=2)
+    assert info.value.errno == errno.EINVAL
+    async with await dmabuf.Publisher.bind(path, MemfdExporter(), 4096):  # let go
+        pass
+    async with stream_pair() as (a, _):
+        with pytest.raises(dmabuf.InvalidArgument, match="no shareable memory"):
+            await dmabuf.Publisher.over(a, SimDevice("sim"), 4096, buffers=2)
+        with pytest.raises(anyio.ClosedResourceError):  # the publisher's: closed
+            await a.send(b"x")
+    assert_no_new_fds(before)
 
 
 async def test_bad_subscribe_arguments() -> None:
