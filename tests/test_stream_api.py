@@ -91,6 +91,31 @@ async def test_loan_takes_a_release_that_has_arrived_itself() -> None:
             frame.release()
 
 
+async def test_a_frame_dropped_before_its_acquire_fence_stays_out() -> None:
+    async with stream_pair() as (a, b):
+        pub = await dmabuf.Publisher.over(a, MemfdExporter(), 4096, buffers=3)
+        async with pub, await dmabuf.subscribe(b, queue=1, overflow="drop-oldest"):
+            await until(lambda: len(pub.subscribers) == 1)
+            fences = [dmabuf.Fence() for _ in range(3)]
+            bufs = []
+            for fence in fences:  # 0 goes out, 1 waits, 2 drops 1
+                frame = pub.try_loan()
+                bufs.append(frame.buffer)
+                pub.try_send(frame, fence=fence)
+            assert pub.statistics().frames_dropped == 1
+            # Nobody holds frame 1's buffer, but its producer still writes it.
+            assert not bufs[1].resv.test(dmabuf.Usage.BOOKKEEP)
+            with pytest.raises(dmabuf.Busy):
+                pub.try_loan()
+            fences[1].signal()
+            async with assert_no_checkpoints():
+                again = pub.try_loan()  # back at once: try_loan tests the resv
+            assert again.buffer is bufs[1]
+            again.release()
+            fences[0].signal()
+            fences[2].signal()
+
+
 async def test_try_loan_busy_and_loan_waits() -> None:
     async with publisher(buffers=1) as (pub, _):
         frame = pub.try_loan()
