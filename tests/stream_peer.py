@@ -109,6 +109,33 @@ async def fences(ctl: Control, path: str) -> None:
     await ctl.say(closed=True)
 
 
+async def release_unread(ctl: Control, path: str) -> None:
+    """Release the first frame at once, unread (before its acquire fence)."""
+    async with await dmabuf.subscribe(path, queue=1) as sub:
+        await ctl.say(ready=True)
+        frame = await sub.receive()
+        pending = not frame.buffer.resv.test(dmabuf.Usage.WRITE)
+        frame.release()
+        await ctl.say(released=True, pending=pending)
+        await ctl.next()
+    await ctl.say(closed=True)
+
+
+async def fence_and_leave(ctl: Control, path: str) -> None:
+    """Release a frame with a fence of ours, leave the stream, keep the fence."""
+    done = dmabuf.Fence()
+    async with await dmabuf.subscribe(path) as sub:
+        await ctl.say(ready=True)
+        frame = await sub.receive()
+        frame.release(fence=done)
+        await ctl.say(released=True)
+        await ctl.next()
+    await ctl.say(left=True)  # the publisher sees it gone, the fence pending
+    await ctl.next()
+    done.signal()
+    await ctl.say(closed=True)
+
+
 async def hold(ctl: Control, path: str, count: int) -> None:
     """Receive ``count`` frames and hold them until killed."""
     async with await dmabuf.subscribe(path, queue=count) as sub:
@@ -159,6 +186,10 @@ async def main(argv: list[str]) -> None:
             await receive(ctl, path, int(args[0]), int(args[1]), args[2])
         elif role == "fences":
             await fences(ctl, path)
+        elif role == "release-unread":
+            await release_unread(ctl, path)
+        elif role == "fence-and-leave":
+            await fence_and_leave(ctl, path)
         elif role == "hold":
             await hold(ctl, path, int(args[0]))
         elif role == "publish":

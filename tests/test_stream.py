@@ -170,6 +170,69 @@ async def test_fences_both_ways(anyio_backend: Any) -> None:
         assert (await sub.facts())["closed"]
 
 
+async def test_the_acquire_fence_gates_reuse(anyio_backend: Any) -> None:
+    async with (
+        publisher(buffers=1) as (pub, path),
+        peer("release-unread", path, backend=anyio_backend) as sub,
+    ):
+        assert (await sub.facts())["ready"]
+        frame = await pub.loan()
+        buf = frame.buffer
+        acquire = dmabuf.Fence()
+        await pub.send(frame, fence=acquire)
+        # The publisher's own resv holds the producer's write...
+        assert not buf.resv.test(dmabuf.Usage.BOOKKEEP)
+        # ...but not for implicit sync: the producer writes after send.
+        assert buf.resv.test(dmabuf.Usage.READ)
+        facts = await sub.facts()
+        assert facts == {"released": True, "pending": True}
+        await until(lambda: pub.subscribers[0].buffers == ())
+        # Every subscriber released it, the acquire fence is pending: no loan.
+        with pytest.raises(dmabuf.Busy):
+            pub.try_loan()
+        assert pub.statistics().buffers_in_flight == 1
+        lent: list[dmabuf.Frame] = []
+
+        async def borrow() -> None:
+            lent.append(await pub.loan())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(borrow)
+            await anyio.wait_all_tasks_blocked()
+            assert lent == []  # loan() waits for the acquire fence
+            acquire.signal()
+        assert lent[0].buffer is buf
+        lent[0].release()
+        await sub.say()
+        assert (await sub.facts())["closed"]
+
+
+async def test_a_gone_subscribers_release_fences_count_as_failed(
+    anyio_backend: Any,
+) -> None:
+    async with (
+        publisher(buffers=1) as (pub, path),
+        peer("fence-and-leave", path, backend=anyio_backend) as sub,
+    ):
+        assert (await sub.facts())["ready"]
+        await send(pub, 0)
+        assert (await sub.facts())["released"]
+        await until(lambda: pub.subscribers[0].buffers == ())
+        with pytest.raises(dmabuf.Busy):
+            pub.try_loan()  # its release fence is pending
+        assert pub.statistics().fences_cut == 0
+        await sub.say()
+        assert (await sub.facts())["left"]  # alive, its fence still pending
+        await until(lambda: pub.statistics().subscribers == 0)
+        # The fence counts as signalled with an error: the buffer is back.
+        assert pub.statistics().fences_cut == 1
+        with anyio.fail_after(30):
+            again = await pub.loan()
+        again.release()
+        await sub.say()
+        assert (await sub.facts())["closed"]
+
+
 # -- overflow -----------------------------------------------------------------------
 
 
@@ -244,6 +307,26 @@ async def test_history_for_late_joiners(anyio_backend: Any) -> None:
             await sub.say()
             facts = await sub.facts()
             assert [f["seq"] for f in facts["frames"]] == [3, 4, 5]
+            assert all(f["ok"] for f in facts["frames"])
+            await pub.aclose()
+            assert (await sub.facts())["end"]
+
+
+async def test_history_beyond_the_queue(anyio_backend: Any) -> None:
+    # A late joiner gets the K latest frames even with a queue shorter than K.
+    async with publisher(buffers=4, history=3) as (pub, path):
+        for seq in range(5):
+            await send(pub, seq)
+        async with peer("receive", path, 4, 1, "block", backend=anyio_backend) as sub:
+            assert (await sub.facts())["ready"]
+            await until(lambda: pub.subscribers[0].queued == 3)
+            frame = await produce(pub, 5)
+            with pytest.raises(dmabuf.Busy):  # its queue is over-full: backpressure
+                pub.try_send(frame)
+            await sub.say()
+            await pub.send(frame)  # waits until the history is taken
+            facts = await sub.facts()
+            assert [f["seq"] for f in facts["frames"]] == [2, 3, 4, 5]
             assert all(f["ok"] for f in facts["frames"])
             await pub.aclose()
             assert (await sub.facts())["end"]

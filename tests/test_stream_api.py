@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -70,6 +71,49 @@ async def test_loan_and_send_checkpoint_try_forms_do_not() -> None:
             sub.receive_nowait().release()
             with pytest.raises(dmabuf.Busy):
                 sub.receive_nowait()
+
+
+async def test_loan_takes_a_release_that_has_arrived_itself() -> None:
+    # The release is in the socket, the reader task has not run: loan() reads
+    # it in its own task (no hop through the reader), with its one checkpoint.
+    async with stream_pair() as (a, b):
+        pub = await dmabuf.Publisher.over(a, MemfdExporter(), 4096, buffers=1)
+        async with pub, await dmabuf.subscribe(b) as sub:
+            await send(pub, 0)
+            got = await sub.receive()
+            buf = got.buffer
+            got.release()  # sent at once, nobody has read it yet
+            with pytest.raises(dmabuf.Busy):
+                pub.try_loan()  # try_loan never reads
+            async with assert_checkpoints():
+                frame = await pub.loan()
+            assert frame.buffer is buf
+            frame.release()
+
+
+async def test_a_frame_dropped_before_its_acquire_fence_stays_out() -> None:
+    async with stream_pair() as (a, b):
+        pub = await dmabuf.Publisher.over(a, MemfdExporter(), 4096, buffers=3)
+        async with pub, await dmabuf.subscribe(b, queue=1, overflow="drop-oldest"):
+            await until(lambda: len(pub.subscribers) == 1)
+            fences = [dmabuf.Fence() for _ in range(3)]
+            bufs = []
+            for fence in fences:  # 0 goes out, 1 waits, 2 drops 1
+                frame = pub.try_loan()
+                bufs.append(frame.buffer)
+                pub.try_send(frame, fence=fence)
+            assert pub.statistics().frames_dropped == 1
+            # Nobody holds frame 1's buffer, but its producer still writes it.
+            assert not bufs[1].resv.test(dmabuf.Usage.BOOKKEEP)
+            with pytest.raises(dmabuf.Busy):
+                pub.try_loan()
+            fences[1].signal()
+            async with assert_no_checkpoints():
+                again = pub.try_loan()  # back at once: try_loan tests the resv
+            assert again.buffer is bufs[1]
+            again.release()
+            fences[0].signal()
+            fences[2].signal()
 
 
 async def test_try_loan_busy_and_loan_waits() -> None:
@@ -188,6 +232,27 @@ async def test_bad_bind_targets() -> None:
     async with publisher() as (_, path):
         with pytest.raises(dmabuf.DmaBufError):  # EADDRINUSE
             await dmabuf.Publisher.bind(path, MemfdExporter(), 4096)
+
+
+async def test_an_exporter_without_shareable_memory_is_refused() -> None:
+    # SimDevice keeps its bytes in device memory: its buffers would travel as
+    # empty files no subscriber accepts, so the stream refuses them up front,
+    # as send_buffer refuses such a buffer (EINVAL), and leaks nothing.
+    from asyncdmabuf.exporters import SimDevice
+
+    before = fd_targets()
+    path = address()
+    with pytest.raises(dmabuf.InvalidArgument, match="no shareable memory") as info:
+        await dmabuf.Publisher.bind(path, SimDevice("sim"), LAYOUT, buffers=2)
+    assert info.value.errno == errno.EINVAL
+    async with await dmabuf.Publisher.bind(path, MemfdExporter(), 4096):  # let go
+        pass
+    async with stream_pair() as (a, _):
+        with pytest.raises(dmabuf.InvalidArgument, match="no shareable memory"):
+            await dmabuf.Publisher.over(a, SimDevice("sim"), 4096, buffers=2)
+        with pytest.raises(anyio.ClosedResourceError):  # the publisher's: closed
+            await a.send(b"x")
+    assert_no_new_fds(before)
 
 
 async def test_bad_subscribe_arguments() -> None:

@@ -779,16 +779,21 @@ async def test_stream_watchdog_says_what_the_publisher_waits_for() -> None:
     assert broken == {"no hang"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a lazily backed exporter's buffer (simdev's) is sent as an empty "
-    "memfd when a frame goes out before its first write (an acquire fence): "
-    "the subscriber refuses 'a buffer fd of 0 bytes' (the stream's to fix)",
-)
-async def test_stream_on_a_lazily_backed_exporter() -> None:
-    config = StreamConfig(**{**_fields(STREAM), "exporter": "simdev", "frames": 20})
-    report = await run_stream(config)
-    assert report.ok, stream_failed(report)
+def test_stream_refuses_an_exporter_without_shareable_memory(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # simdev keeps its bytes in device memory: its buffers have no file a
+    # subscriber could map (Publisher.bind refuses them), so a stream run on it
+    # is refused up front, by the config and by the command: exit 2, one line.
+    with pytest.raises(InvalidArgument, match="no file another process could map"):
+        StreamConfig(**{**_fields(STREAM), "exporter": "simdev", "frames": 20})
+    assert main(["stress", "--stream", "--exporter", "simdev"]) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "exporter 'simdev'" in lines[0]
+    assert "a stream cannot share them" in lines[0]
+    assert "asyncdmabuf stress" not in out  # no run was started
 
 
 def test_fds_left_names_new_and_reused_fds() -> None:

@@ -2,8 +2,16 @@
 
 The publisher owns ``N`` buffers. :meth:`Publisher.loan` lends a free one;
 :meth:`Publisher.send` hands it to every subscriber. A buffer is free again
-when nothing holds it: no loan, no place in the history, no subscriber that
-has not released it, no release fence still pending. Each subscriber grants
+when nothing holds it (no loan, no place in the history, no subscriber that
+has not released it) and every fence of its own ``buf.resv`` has signalled:
+the acquire fence (added as ``BOOKKEEP`` at send: explicitly synchronised,
+so the producer's own device, or ``cpu_access("w")``, still writes the frame
+without waiting for the fence it is to signal) and the release fences (added
+as ``READ``). While fences are pending, one task per buffer waits on the
+reservation (the gate) and frees the buffer after. A subscriber's release
+fence is held as ``Fence.any(fence, cut)``: ``cut`` is the subscriber's own
+fence, signalled with ``ECONNRESET`` when it is disconnected, so its pending
+release fences count as signalled with an error. Each subscriber grants
 ``queue`` credits: a frame sent uses one, and one comes back when the
 subscriber takes the frame off its queue. Without a credit, ``"block"`` makes
 ``send`` wait and ``"drop-oldest"`` keeps only the newest frame waiting (at
@@ -14,6 +22,7 @@ Only :mod:`._transport`'s seam is used to talk to subscribers.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections import deque
@@ -31,6 +40,7 @@ from .._buffer import DmaBuf
 from .._errors import Busy, DmaBufError, InvalidArgument
 from .._fence import Fence
 from .._layout import FrameLayout
+from .._types import Usage
 from .._validate import check_int
 from . import _wire
 from ._frame import Frame
@@ -85,22 +95,42 @@ class PublisherStatistics:
     buffers_loaned: int
     buffers_in_flight: int
     """Buffers sent and not yet back (held by subscribers, history or fences)."""
+    fences_cut: int = 0
+    """Release fences still pending when their subscriber was disconnected:
+    they count as signalled with an error (``ECONNRESET``)."""
 
 
 class _Slot:
-    __slots__ = ("buf", "fences", "free", "holders", "id", "in_history", "loaned")
+    __slots__ = (
+        "buf",
+        "fences",
+        "free",
+        "gate",
+        "holders",
+        "id",
+        "in_history",
+        "loaned",
+    )
 
     def __init__(self, id: int, buf: DmaBuf) -> None:
         self.id = id
         self.buf = buf
         self.holders: set[_Peer] = set()
-        self.fences: dict[Fence, tuple[_Peer, anyio.CancelScope]] = {}
+        #: The release fences added to ``buf.resv`` and who gave them (for
+        #: bufinfo and the count of cut ones); the resv is what gates reuse.
+        self.fences: dict[Fence, _Peer] = {}
+        #: The task waiting on ``buf.resv`` before the buffer is free (the gate).
+        self.gate: anyio.CancelScope | None = None
         self.loaned = False
         self.in_history = False
         self.free = True
 
     def busy(self) -> bool:
-        return bool(self.loaned or self.in_history or self.holders or self.fences)
+        return bool(self.loaned or self.in_history or self.holders)
+
+    def pending_fences(self) -> int:
+        """Count the release fences still pending (each is asked)."""
+        return sum(not fence.signaled for fence in self.fences)
 
 
 class _Sent:
@@ -124,6 +154,7 @@ class _Sent:
 class _Peer:
     __slots__ = (
         "credit",
+        "cut",
         "dropped",
         "frames",
         "gone",
@@ -147,6 +178,9 @@ class _Peer:
         #: Made by a send that waits for a credit; set when one comes.
         self.credit: anyio.Event | None = None
         self.gone = False
+        #: Signalled with an error at disconnection: each release fence it
+        #: gave is held as ``Fence.any(fence, cut)``.
+        self.cut: Fence | None = None
 
 
 def _check_allowed(allow_uids: Iterable[int] | None) -> frozenset[int]:
@@ -172,6 +206,7 @@ class Publisher:
         "_changed",
         "_checkpoint",
         "_closed",
+        "_cut",
         "_dropped",
         "_free",
         "_history",
@@ -216,6 +251,7 @@ class Publisher:
         self._sent = 0
         self._dropped = 0
         self._refused = 0
+        self._cut = 0
         #: One per background task, cancelled by aclose(): the tasks end, the
         #: body of the async with block goes on.
         self._scopes: set[anyio.CancelScope] = set()
@@ -338,11 +374,10 @@ class Publisher:
         self._closed = True
         for scope in self._scopes:
             scope.cancel()
-        for slot in self._slots:
-            for _, scope in slot.fences.values():
-                scope.cancel()
         for peer in list(self._peers):
             self._disconnect(peer)
+        for slot in self._slots:
+            self._cancel_gate(slot)
         self._wake()
 
     async def _put_all(self) -> None:
@@ -356,8 +391,7 @@ class Publisher:
         self._free.clear()
         self._history.clear()
         for slot in slots:
-            for _, scope in slot.fences.values():
-                scope.cancel()
+            self._cancel_gate(slot)
             await slot.buf.put()
 
     def _task_scope(self) -> anyio.CancelScope:
@@ -410,17 +444,13 @@ class Publisher:
             transport.send_nowait(welcome.encode())
             peer = _Peer(transport, message.queue, message.overflow)
             self._peers.append(peer)
-            for sent in list(self._history)[-message.queue :]:
+            # Every frame of the history, even beyond its queue: the credits
+            # are owed all the same, so a "block" send waits until they
+            # come back and a "drop-oldest" one keeps its frame waiting.
+            for sent in list(self._history):
                 self._transmit(peer, sent)
             while not peer.gone:
-                data, fds = await transport.receive()
-                self._handle_fds(peer, data, fds)
-                # What came with the same read is handled without a checkpoint
-                # each: at most a bounded batch before the next one.
-                for _ in range(_BATCH):
-                    if peer.gone or not transport.poll_nowait():
-                        break
-                    self._handle_fds(peer, *transport.receive_nowait())
+                self._read_batch(peer, *await transport.receive())
         except _GONE:
             if peer is None:  # gone before it subscribed
                 self._refused += 1
@@ -429,6 +459,39 @@ class Publisher:
         finally:
             if peer is not None:
                 self._disconnect(peer)
+
+    def _read_batch(self, peer: _Peer, data: bytes, fds: list[int]) -> None:
+        """Handle a message, then what came with the same read (bounded)."""
+        self._handle_fds(peer, data, fds)
+        # What came with the same read is handled without a checkpoint each: at
+        # most a bounded batch before the next one.
+        transport = peer.transport
+        for _ in range(_BATCH):
+            if peer.gone or not transport.poll_nowait():
+                break
+            self._handle_fds(peer, *transport.receive_nowait())
+
+    def _take_arrived(self) -> bool:
+        """Handle what has arrived from every subscriber, without waiting.
+
+        loan() calls it before it parks: a release already there frees its
+        buffer in loan()'s own task, with no hop through the reader's. A
+        subscriber whose message is bad, or that has gone, is disconnected
+        here as its reader would have.
+
+        Returns:
+            Whether a buffer is free now.
+        """
+        for peer in list(self._peers):
+            try:
+                if peer.transport.poll_nowait():
+                    self._read_batch(peer, *peer.transport.receive_nowait())
+            except _GONE:
+                self._disconnect(peer)
+            except DmaBufError:  # a bad message: the peer is dropped
+                self._refused += 1
+                self._disconnect(peer)
+        return bool(self._free)
 
     def _handle_fds(self, peer: _Peer, data: bytes, fds: list[int]) -> None:
         try:
@@ -455,10 +518,11 @@ class Publisher:
             peer.inflight = min(peer.inflight, len(peer.frames))
             slot = sent.slot
             if fence is not None and not fence.signaled:
-                scope = anyio.CancelScope()
-                slot.fences[fence] = (peer, scope)
-                assert self._tg is not None
-                self._tg.start_soon(self._watch, slot, fence, scope)
+                if peer.cut is None:
+                    peer.cut = Fence()
+                held = Fence.any(fence, peer.cut)
+                slot.buf.resv.add_fence(held, Usage.READ)
+                slot.fences[held] = peer
             slot.holders.discard(peer)
             self._maybe_free(slot)
         else:
@@ -481,13 +545,20 @@ class Publisher:
         if event is not None:
             event.set()
 
-    async def _watch(self, slot: _Slot, fence: Fence, scope: anyio.CancelScope) -> None:
-        if self._closed:
+    async def _gate(self, slot: _Slot, scope: anyio.CancelScope) -> None:
+        """Wait for every fence of the buffer's resv, then free it."""
+        try:
+            with scope:
+                await slot.buf.resv.wait(Usage.BOOKKEEP)
+        finally:
+            if slot.gate is scope:
+                slot.gate = None
+        self._maybe_free(slot)
+
+    def _cancel_gate(self, slot: _Slot) -> None:
+        scope, slot.gate = slot.gate, None
+        if scope is not None:
             scope.cancel()
-        with scope:
-            await fence.wait()
-        if slot.fences.pop(fence, None) is not None:
-            self._maybe_free(slot)
 
     def _disconnect(self, peer: _Peer) -> None:
         if peer.gone:
@@ -498,12 +569,15 @@ class Publisher:
         touched = [sent.slot for sent in (*peer.frames.values(), *peer.pending)]
         peer.frames.clear()
         peer.pending.clear()
-        for slot in self._slots:
-            for fence, (owner, scope) in list(slot.fences.items()):
-                if owner is peer:  # its pending fences count as signalled
-                    scope.cancel()
-                    del slot.fences[fence]
-                    touched.append(slot)
+        cut, peer.cut = peer.cut, None
+        if cut is not None:
+            # Its pending release fences count as signalled with an error.
+            for slot in self._slots:
+                for fence, owner in slot.fences.items():
+                    if owner is peer and not fence.signaled:
+                        self._cut += 1
+                        touched.append(slot)
+            cut.signal(errno.ECONNRESET)
         for slot in touched:
             slot.holders.discard(peer)
             self._maybe_free(slot)
@@ -519,11 +593,25 @@ class Publisher:
         if event is not None:
             event.set()
 
-    def _maybe_free(self, slot: _Slot) -> None:
-        if not slot.free and not slot.busy() and slot in self._slots:
-            slot.free = True
-            self._free.append(slot)
-            self._wake()
+    def _maybe_free(self, slot: _Slot) -> bool:
+        """Free ``slot`` if nothing holds it and its resv is clear; or gate it.
+
+        Returns:
+            Whether it is free now.
+        """
+        if slot.free or slot.busy() or slot not in self._slots:
+            return slot.free
+        if not slot.buf.resv.test(Usage.BOOKKEEP):
+            if slot.gate is None and self._tg is not None and not self._closed:
+                slot.gate = scope = anyio.CancelScope()
+                self._tg.start_soon(self._gate, slot, scope)
+            return False
+        self._cancel_gate(slot)
+        slot.fences.clear()
+        slot.free = True
+        self._free.append(slot)
+        self._wake()
+        return True
 
     def _check_open(self) -> None:
         if self._closed:
@@ -545,7 +633,13 @@ class Publisher:
         """
         self._check_open()
         if not self._free:
-            raise Busy("every buffer of the stream is in use")
+            # A gated buffer whose fences have signalled is free now, even if
+            # its gate task has not run yet.
+            for slot in self._slots:
+                if slot.gate is not None and self._maybe_free(slot):
+                    break
+            else:
+                raise Busy("every buffer of the stream is in use")
         return self._lend(self._free.popleft())
 
     async def loan(self) -> Frame:
@@ -557,12 +651,12 @@ class Publisher:
         Raises:
             InvalidArgument: The publisher is closed or not entered.
         """
-        if self._free:
+        if self._free or self._take_arrived():
             await self._checkpoint()  # before anything is lent
         else:
             await anyio.lowlevel.checkpoint_if_cancelled()
         self._check_open()
-        while not self._free:
+        while not self._free and not self._take_arrived():
             if self._changed is None:
                 self._changed = anyio.Event()
             await self._changed.wait()
@@ -574,10 +668,9 @@ class Publisher:
         slot = frame._token
         assert isinstance(slot, _Slot)
         if fence is not None and not fence.signaled:
-            scope = anyio.CancelScope()
-            slot.fences[fence] = (_NOBODY, scope)
-            if self._tg is not None:
-                self._tg.start_soon(self._watch, slot, fence, scope)
+            # The loaner's own device may still write: a WRITE fence.
+            slot.buf.resv.add_fence(fence, Usage.WRITE)
+            slot.fences[fence] = _NOBODY
         slot.loaned = False
         self._maybe_free(slot)
 
@@ -606,6 +699,11 @@ class Publisher:
             raise InvalidArgument(f"{frame!r} is not a loan of {self!r}")
         frame._mark_released()
         slot.loaned = False
+        if fence is not None:
+            # The producer's write: the buffer is not reused before it is
+            # done. BOOKKEEP: nothing here waits for it implicitly (the
+            # producer writes the frame after send, then signals).
+            slot.buf.resv.add_fence(fence, Usage.BOOKKEEP)
         seq, self._seq = self._seq, self._seq + 1
         self._sent += 1
         assert isinstance(timestamp, int)
@@ -774,6 +872,7 @@ class Publisher:
             buffers_free=free,
             buffers_loaned=loaned,
             buffers_in_flight=len(self._slots) - free - loaned,
+            fences_cut=self._cut,
         )
 
     def __repr__(self) -> str:
@@ -809,7 +908,7 @@ def buffer_uses() -> list[BufferUse]:
                 holders.setdefault(sent.slot, []).append(who)
         for slot in pub._slots:
             state = "loaned" if slot.loaned else "free" if slot.free else "sent"
-            fences = len(slot.fences)
+            fences = slot.pending_fences()
             held = tuple(holders.get(slot, ()))
             uses.append((slot.buf, slot.id, state, slot.in_history, fences, held))
     return uses
@@ -870,6 +969,14 @@ async def _allocate(exporter: Allocator, size: int, count: int) -> list[DmaBuf]:
 def _check_allocated(exporter: Allocator, buf: object, size: int) -> None:
     if not isinstance(buf, DmaBuf) or buf.size < size:
         raise InvalidArgument(f"{exporter!r} allocated {buf!r}, not {size} bytes")
+    if not buf.shared:
+        # As send_buffer: its exporter keeps the bytes elsewhere (a device's
+        # memory), so it would travel as an empty file no subscriber accepts.
+        raise InvalidArgument(
+            f"{exporter!r} allocated {buf!r}, which has no shareable memory: "
+            "a stream needs an exporter that keeps its bytes in a file (memfd, "
+            "dmaheap)"
+        )
 
 
 def _close_fds(fds: list[int]) -> None:
