@@ -870,34 +870,78 @@ def _run_one(
     quiet: bool,
 ) -> tuple[StressReport, bool]:
     """Run one backend; return its report and whether a signal stopped it."""
-    timed = config.ops is None
+
+    def shown(p: StressProgress) -> tuple[int, str]:
+        return p.ops_done, f"busy {p.busy:,} cancelled {p.cancellations:,}"
+
+    return _run_shown(
+        label,
+        backend,
+        options,
+        run_stress,
+        config,
+        config.ops,
+        "ops",
+        shown,
+        console,
+        quiet,
+    )
+
+
+def _run_shown(
+    label: str,
+    backend: str,
+    options: dict[str, object],
+    runner: Callable[..., Any],
+    config: Any,
+    count: int | None,
+    unit: str,
+    shown: Callable[[Any], tuple[int, str]],
+    console: Console,
+    quiet: bool,
+) -> tuple[Any, bool]:
+    """Run ``runner`` on one backend with its progress shown; stopped by a signal?
+
+    Args:
+        label: The backend's label.
+        backend: The anyio backend.
+        options: Its options.
+        runner: ``run_stress`` or ``run_stream``.
+        config: The run's configuration.
+        count: How many ``unit`` it does, or None for ``config.duration``.
+        unit: What it counts (``ops``, ``frames``).
+        shown: The count done and the statistics, from a progress record.
+        console: Where the progress goes: a live bar on a terminal, else a
+            line a second.
+        quiet: No progress at all.
+    """
+    timed = count is None
     live = not quiet and console.is_terminal
     progress = _progress(label, console, timed, live)
-    total = config.duration if timed else config.ops
+    total = config.duration if timed else count
     printed = [-1.0]  # when the last plain progress line was printed
     with progress:
         task: TaskID = progress.add_task(label, total=total, stats="")
 
-        def monitor(p: StressProgress) -> None:
-            stats = f"busy {p.busy:,} cancelled {p.cancellations:,}"
-            done = min(p.elapsed, total or 0.0) if timed else p.ops_done
+        def monitor(p: Any) -> None:
+            done_count, stats = shown(p)
+            done = min(p.elapsed, total or 0.0) if timed else done_count
             progress.update(task, completed=done, stats=stats)
             if not live and not quiet and p.elapsed - printed[0] >= 1.0:
                 printed[0] = p.elapsed
                 console.print(
-                    f"{label}: {p.ops_done:,} ops in {p.elapsed:.1f} s, {stats}",
+                    f"{label}: {done_count:,} {unit} in {p.elapsed:.1f} s, {stats}",
                     highlight=False,
                 )
 
-        result: tuple[StressReport, bool] = anyio.run(
+        return anyio.run(
             _with_signals,
-            run_stress,
+            runner,
             config,
             monitor,
             backend=backend,
             backend_options=options,
         )
-    return result
 
 
 async def _with_signals(
@@ -1156,34 +1200,22 @@ def _run_stream_one(
     quiet: bool,
 ) -> tuple[StreamReport, bool]:
     """Run one backend of a stream run; return its report and whether stopped."""
-    timed = config.frames is None
-    live = not quiet and console.is_terminal
-    progress = _progress(label, console, timed, live)
-    total = config.duration if timed else config.frames
-    printed = [-1.0]
-    with progress:
-        task: TaskID = progress.add_task(label, total=total, stats="")
 
-        def monitor(p: StreamProgress) -> None:
-            stats = f"{p.subscribers} subscribers, dropped {p.dropped:,}"
-            done = min(p.elapsed, total or 0.0) if timed else p.frames_sent
-            progress.update(task, completed=done, stats=stats)
-            if not live and not quiet and p.elapsed - printed[0] >= 1.0:
-                printed[0] = p.elapsed
-                console.print(
-                    f"{label}: {p.frames_sent:,} frames in {p.elapsed:.1f} s, {stats}",
-                    highlight=False,
-                )
+    def shown(p: StreamProgress) -> tuple[int, str]:
+        return p.frames_sent, f"{p.subscribers} subscribers, dropped {p.dropped:,}"
 
-        result: tuple[StreamReport, bool] = anyio.run(
-            _with_signals,
-            run_stream,
-            config,
-            monitor,
-            backend=backend,
-            backend_options=options,
-        )
-    return result
+    return _run_shown(
+        label,
+        backend,
+        options,
+        run_stream,
+        config,
+        config.frames,
+        "frames",
+        shown,
+        console,
+        quiet,
+    )
 
 
 def _bytes(n: int) -> str:
