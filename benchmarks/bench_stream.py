@@ -166,6 +166,34 @@ def shm_peer(conn: multiprocessing.connection.Connection) -> None:
         shm.close()
 
 
+def _iox_services(
+    iox: Any, node: Any, prefix: str, size: int, *, owner: bool
+) -> tuple[Any, Any, Any]:
+    """Open or create the iceoryx2 services of ``size``: samples, ping, pong.
+
+    The publisher's side (``owner``) gives the sample service its limits: one
+    publisher, one subscriber, one sample queued, no history.
+    """
+    samples = node.service_builder(
+        iox.ServiceName.new(f"{prefix}-{size}")
+    ).publish_subscribe(iox.Slice[ctypes.c_uint8])
+    if owner:
+        samples = (
+            samples.max_publishers(1)
+            .max_subscribers(1)
+            .subscriber_max_buffer_size(1)
+            .history_size(0)
+        )
+    service = samples.open_or_create()
+    ping, pong = (
+        node.service_builder(iox.ServiceName.new(f"{prefix}-{size}-{event}"))
+        .event()
+        .open_or_create()
+        for event in ("ping", "pong")
+    )
+    return service, ping, pong
+
+
 def iox_peer(prefix: str, sizes: tuple[int, ...], ready: Any) -> None:
     """Wait for each sample, read its first and last byte, drop it, notify back."""
     if ready.recv_bytes() != b"go":  # the publisher made the services
@@ -176,21 +204,7 @@ def iox_peer(prefix: str, sizes: tuple[int, ...], ready: Any) -> None:
     node = iox.NodeBuilder.new().create(iox.ServiceType.Ipc)
     ports = []
     for size in sizes:
-        service = (
-            node.service_builder(iox.ServiceName.new(f"{prefix}-{size}"))
-            .publish_subscribe(iox.Slice[ctypes.c_uint8])
-            .open_or_create()
-        )
-        ping = (
-            node.service_builder(iox.ServiceName.new(f"{prefix}-{size}-ping"))
-            .event()
-            .open_or_create()
-        )
-        pong = (
-            node.service_builder(iox.ServiceName.new(f"{prefix}-{size}-pong"))
-            .event()
-            .open_or_create()
-        )
+        service, ping, pong = _iox_services(iox, node, prefix, size, owner=False)
         ports.append(
             (
                 service.subscriber_builder().create(),
@@ -290,25 +304,7 @@ class _Iox:
             iox.set_log_level(iox.LogLevel.Error)
             node = iox.NodeBuilder.new().create(iox.ServiceType.Ipc)
             for size in SIZES:
-                service = (
-                    node.service_builder(iox.ServiceName.new(f"{prefix}-{size}"))
-                    .publish_subscribe(iox.Slice[ctypes.c_uint8])
-                    .max_publishers(1)
-                    .max_subscribers(1)
-                    .subscriber_max_buffer_size(1)
-                    .history_size(0)
-                    .open_or_create()
-                )
-                ping = (
-                    node.service_builder(iox.ServiceName.new(f"{prefix}-{size}-ping"))
-                    .event()
-                    .open_or_create()
-                )
-                pong = (
-                    node.service_builder(iox.ServiceName.new(f"{prefix}-{size}-pong"))
-                    .event()
-                    .open_or_create()
-                )
+                service, ping, pong = _iox_services(iox, node, prefix, size, owner=True)
                 publisher = (
                     service.publisher_builder().initial_max_slice_len(size).create()
                 )
