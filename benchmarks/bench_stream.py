@@ -55,7 +55,7 @@ from rich.table import Table
 
 from asyncdmabuf import FrameLayout, Publisher, subscribe
 from asyncdmabuf._backends import BACKENDS
-from asyncdmabuf._bench import Row, backend_available, fmt_us, goal_le
+from asyncdmabuf._bench import Row, backend_available, compare, fmt_us
 from asyncdmabuf.exporters import MemfdExporter
 
 KIB = 1 << 10
@@ -643,35 +643,31 @@ def measure_throughput(
 
 
 def latency_rows(lat: Latency) -> list[Row]:
-    """Rows: the stream against the bare round trip, iceoryx2 and shared_memory."""
+    """Rows: the stream against the bare round trip, iceoryx2 and shared_memory.
+
+    Each figure is already a median: :func:`compare` gets it as one round.
+    """
     group = f"stream latency ({lat.backend})"
     rows = []
     for size in SIZES:
-        ours = lat.stream[size]
-        ratio = ours / lat.bare
-        goal, met = goal_le(ratio, LATENCY_GOAL)
+        ours = [lat.stream[size]]
         label = human(size)
         rows.append(
-            Row(
+            compare(
                 group,
                 f"{label}: frame vs bare 16-byte round trip",
-                fmt_us(ours),
-                fmt_us(lat.bare),
-                ratio,
-                goal,
-                met,
+                ours,
+                [lat.bare],
+                le=LATENCY_GOAL,
             )
         )
         if lat.iox is not None:
             rows.append(
-                Row(
+                compare(
                     group,
                     f"{label}: frame vs iceoryx2 sample+event",
-                    fmt_us(ours),
-                    fmt_us(lat.iox[size]),
-                    ours / lat.iox[size],
-                    "",
-                    None,
+                    ours,
+                    [lat.iox[size]],
                 )
             )
         else:
@@ -679,7 +675,7 @@ def latency_rows(lat: Latency) -> list[Row]:
                 Row(
                     group,
                     f"{label}: vs iceoryx2: {lat.iox_error}",
-                    fmt_us(ours),
+                    fmt_us(ours[0]),
                     "-",
                     0.0,
                     "",
@@ -687,25 +683,19 @@ def latency_rows(lat: Latency) -> list[Row]:
                 )
             )
         rows.append(
-            Row(
+            compare(
                 group,
                 f"{label}: frame vs shared_memory + Pipe",
-                fmt_us(ours),
-                fmt_us(lat.shm[size]),
-                ours / lat.shm[size],
-                "",
-                None,
+                ours,
+                [lat.shm[size]],
             )
         )
     rows.append(
-        Row(
+        compare(
             group,
             "4 KiB, released untouched (no cpu_access): frame vs bare",
-            fmt_us(lat.untouched),
-            fmt_us(lat.bare),
-            lat.untouched / lat.bare,
-            "",
-            None,
+            [lat.untouched],
+            [lat.bare],
         )
     )
     return rows

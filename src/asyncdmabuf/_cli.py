@@ -11,6 +11,7 @@ SIGTERM: the partial report, JSON and plot are still written).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -733,11 +734,16 @@ def _stress_command(args: argparse.Namespace, console: Console, errors: Console)
         highlight=False,
     )
 
-    def run_one(
-        label: str, backend: str, options: dict[str, object]
-    ) -> tuple[Any, bool]:
-        return _run_one(label, backend, options, config, console, args.quiet)
-
+    run_one: _RunOne = functools.partial(
+        _run_shown,
+        runner=run_stress,
+        config=config,
+        count=config.ops,
+        unit="ops",
+        shown=_stress_shown,
+        console=console,
+        quiet=args.quiet,
+    )
     outcome = _run_backends(labels, run_one, console, _one_line)
     _print_reports(console, outcome.reports, quiet=args.quiet)
     if plt is not None and outcome.reports:
@@ -861,37 +867,16 @@ def _progress(label: str, console: Console, timed: bool, live: bool) -> Progress
     )
 
 
-def _run_one(
-    label: str,
-    backend: str,
-    options: dict[str, object],
-    config: StressConfig,
-    console: Console,
-    quiet: bool,
-) -> tuple[StressReport, bool]:
-    """Run one backend; return its report and whether a signal stopped it."""
-
-    def shown(p: StressProgress) -> tuple[int, str]:
-        return p.ops_done, f"busy {p.busy:,} cancelled {p.cancellations:,}"
-
-    return _run_shown(
-        label,
-        backend,
-        options,
-        run_stress,
-        config,
-        config.ops,
-        "ops",
-        shown,
-        console,
-        quiet,
-    )
+def _stress_shown(p: StressProgress) -> tuple[int, str]:
+    """A stress run's progress: operations done, and its statistics."""
+    return p.ops_done, f"busy {p.busy:,} cancelled {p.cancellations:,}"
 
 
 def _run_shown(
     label: str,
     backend: str,
     options: dict[str, object],
+    *,
     runner: Callable[..., Any],
     config: Any,
     count: int | None,
@@ -900,7 +885,7 @@ def _run_shown(
     console: Console,
     quiet: bool,
 ) -> tuple[Any, bool]:
-    """Run ``runner`` on one backend with its progress shown; stopped by a signal?
+    """Run ``runner`` on one backend, its progress shown.
 
     Args:
         label: The backend's label.
@@ -914,6 +899,9 @@ def _run_shown(
         console: Where the progress goes: a live bar on a terminal, else a
             line a second.
         quiet: No progress at all.
+
+    Returns:
+        The report, and whether a signal stopped the run.
     """
     timed = count is None
     live = not quiet and console.is_terminal
@@ -1173,11 +1161,16 @@ def _stream_command(args: argparse.Namespace, console: Console) -> int:
         highlight=False,
     )
 
-    def run_one(
-        label: str, backend: str, options: dict[str, object]
-    ) -> tuple[Any, bool]:
-        return _run_stream_one(label, backend, options, config, console, args.quiet)
-
+    run_one: _RunOne = functools.partial(
+        _run_shown,
+        runner=run_stream,
+        config=config,
+        count=config.frames,
+        unit="frames",
+        shown=_stream_shown,
+        console=console,
+        quiet=args.quiet,
+    )
     outcome = _run_backends(labels, run_one, console, _stream_one_line)
     if outcome.reports:
         if not args.quiet:
@@ -1191,31 +1184,9 @@ def _stream_command(args: argparse.Namespace, console: Console) -> int:
     return _finish(console, outcome, skipped, args.json, None)
 
 
-def _run_stream_one(
-    label: str,
-    backend: str,
-    options: dict[str, object],
-    config: StreamConfig,
-    console: Console,
-    quiet: bool,
-) -> tuple[StreamReport, bool]:
-    """Run one backend of a stream run; return its report and whether stopped."""
-
-    def shown(p: StreamProgress) -> tuple[int, str]:
-        return p.frames_sent, f"{p.subscribers} subscribers, dropped {p.dropped:,}"
-
-    return _run_shown(
-        label,
-        backend,
-        options,
-        run_stream,
-        config,
-        config.frames,
-        "frames",
-        shown,
-        console,
-        quiet,
-    )
+def _stream_shown(p: StreamProgress) -> tuple[int, str]:
+    """A stream run's progress: frames sent, and its statistics."""
+    return p.frames_sent, f"{p.subscribers} subscribers, dropped {p.dropped:,}"
 
 
 def _bytes(n: int) -> str:
