@@ -48,7 +48,7 @@ from .stream import (
     overflow_of,
 )
 from .watchdog import monitor as run_monitor
-from .watchdog import watchdog
+from .watchdog import no_hang, watchdog
 
 __all__ = ["run_stream"]
 
@@ -591,18 +591,7 @@ def _judge(
     config = run.config
     sent = run.sent
     complete = run.drained and not run.interrupted
-    checks = [
-        Invariant(
-            "no hang",
-            not run.hung,
-            (
-                f"a frame was sent or a buffer came back at least every "
-                f"{config.watchdog:g} s" + ("" if config.watchdog else " (off)")
-            )
-            if not run.hung
-            else "the watchdog fired: " + run.hang_report[0],
-        )
-    ]
+    checks = [no_hang(run, config.watchdog, "a frame was sent or a buffer came back")]
     frames = sum(s.received for s in subs)
     verified = sum(s.verified for s in subs)
     bad = [s for s in subs if s.mismatches]

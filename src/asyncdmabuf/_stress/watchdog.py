@@ -16,9 +16,10 @@ import anyio
 
 from .._buffer import lock_holder
 from .._stats import device_statistics
+from .report import Invariant
 from .workload import Run
 
-__all__ = ["Watched", "monitor", "watchdog", "who_waits"]
+__all__ = ["Watched", "monitor", "no_hang", "watchdog", "who_waits"]
 
 
 class Watched(Protocol):
@@ -65,6 +66,20 @@ async def monitor(
     while True:
         monitor(progress())
         await anyio.sleep(interval)
+
+
+def no_hang(run: Watched, limit: float, progress: str) -> Invariant:
+    """The "no hang" invariant: ``progress`` came at least every ``limit`` s.
+
+    Args:
+        run: The run; it failed if the watchdog found it hung.
+        limit: The watchdog's limit in seconds (0: off).
+        progress: What counts as progress, e.g. "an operation completed".
+    """
+    if run.hung:
+        return Invariant("no hang", False, "the watchdog fired: " + run.hang_report[0])
+    off = "" if limit else " (off)"
+    return Invariant("no hang", True, f"{progress} at least every {limit:g} s{off}")
 
 
 def who_waits(run: Run, idle: float) -> tuple[str, ...]:
