@@ -55,7 +55,7 @@ from rich.table import Table
 
 from asyncdmabuf import FrameLayout, Publisher, subscribe
 from asyncdmabuf._backends import BACKENDS
-from asyncdmabuf._bench import Row, backend_available, fmt_us, goal_le
+from asyncdmabuf._bench import Row, backend_available, compare, fmt_us
 from asyncdmabuf.exporters import MemfdExporter
 
 KIB = 1 << 10
@@ -166,6 +166,34 @@ def shm_peer(conn: multiprocessing.connection.Connection) -> None:
         shm.close()
 
 
+def _iox_services(
+    iox: Any, node: Any, prefix: str, size: int, *, owner: bool
+) -> tuple[Any, Any, Any]:
+    """Open or create the iceoryx2 services of ``size``: samples, ping, pong.
+
+    The publisher's side (``owner``) gives the sample service its limits: one
+    publisher, one subscriber, one sample queued, no history.
+    """
+    samples = node.service_builder(
+        iox.ServiceName.new(f"{prefix}-{size}")
+    ).publish_subscribe(iox.Slice[ctypes.c_uint8])
+    if owner:
+        samples = (
+            samples.max_publishers(1)
+            .max_subscribers(1)
+            .subscriber_max_buffer_size(1)
+            .history_size(0)
+        )
+    service = samples.open_or_create()
+    ping, pong = (
+        node.service_builder(iox.ServiceName.new(f"{prefix}-{size}-{event}"))
+        .event()
+        .open_or_create()
+        for event in ("ping", "pong")
+    )
+    return service, ping, pong
+
+
 def iox_peer(prefix: str, sizes: tuple[int, ...], ready: Any) -> None:
     """Wait for each sample, read its first and last byte, drop it, notify back."""
     if ready.recv_bytes() != b"go":  # the publisher made the services
@@ -176,21 +204,7 @@ def iox_peer(prefix: str, sizes: tuple[int, ...], ready: Any) -> None:
     node = iox.NodeBuilder.new().create(iox.ServiceType.Ipc)
     ports = []
     for size in sizes:
-        service = (
-            node.service_builder(iox.ServiceName.new(f"{prefix}-{size}"))
-            .publish_subscribe(iox.Slice[ctypes.c_uint8])
-            .open_or_create()
-        )
-        ping = (
-            node.service_builder(iox.ServiceName.new(f"{prefix}-{size}-ping"))
-            .event()
-            .open_or_create()
-        )
-        pong = (
-            node.service_builder(iox.ServiceName.new(f"{prefix}-{size}-pong"))
-            .event()
-            .open_or_create()
-        )
+        service, ping, pong = _iox_services(iox, node, prefix, size, owner=False)
         ports.append(
             (
                 service.subscriber_builder().create(),
@@ -290,25 +304,7 @@ class _Iox:
             iox.set_log_level(iox.LogLevel.Error)
             node = iox.NodeBuilder.new().create(iox.ServiceType.Ipc)
             for size in SIZES:
-                service = (
-                    node.service_builder(iox.ServiceName.new(f"{prefix}-{size}"))
-                    .publish_subscribe(iox.Slice[ctypes.c_uint8])
-                    .max_publishers(1)
-                    .max_subscribers(1)
-                    .subscriber_max_buffer_size(1)
-                    .history_size(0)
-                    .open_or_create()
-                )
-                ping = (
-                    node.service_builder(iox.ServiceName.new(f"{prefix}-{size}-ping"))
-                    .event()
-                    .open_or_create()
-                )
-                pong = (
-                    node.service_builder(iox.ServiceName.new(f"{prefix}-{size}-pong"))
-                    .event()
-                    .open_or_create()
-                )
+                service, ping, pong = _iox_services(iox, node, prefix, size, owner=True)
                 publisher = (
                     service.publisher_builder().initial_max_slice_len(size).create()
                 )
@@ -647,35 +643,31 @@ def measure_throughput(
 
 
 def latency_rows(lat: Latency) -> list[Row]:
-    """Rows: the stream against the bare round trip, iceoryx2 and shared_memory."""
+    """Rows: the stream against the bare round trip, iceoryx2 and shared_memory.
+
+    Each figure is already a median: :func:`compare` gets it as one round.
+    """
     group = f"stream latency ({lat.backend})"
     rows = []
     for size in SIZES:
-        ours = lat.stream[size]
-        ratio = ours / lat.bare
-        goal, met = goal_le(ratio, LATENCY_GOAL)
+        ours = [lat.stream[size]]
         label = human(size)
         rows.append(
-            Row(
+            compare(
                 group,
                 f"{label}: frame vs bare 16-byte round trip",
-                fmt_us(ours),
-                fmt_us(lat.bare),
-                ratio,
-                goal,
-                met,
+                ours,
+                [lat.bare],
+                le=LATENCY_GOAL,
             )
         )
         if lat.iox is not None:
             rows.append(
-                Row(
+                compare(
                     group,
                     f"{label}: frame vs iceoryx2 sample+event",
-                    fmt_us(ours),
-                    fmt_us(lat.iox[size]),
-                    ours / lat.iox[size],
-                    "",
-                    None,
+                    ours,
+                    [lat.iox[size]],
                 )
             )
         else:
@@ -683,7 +675,7 @@ def latency_rows(lat: Latency) -> list[Row]:
                 Row(
                     group,
                     f"{label}: vs iceoryx2: {lat.iox_error}",
-                    fmt_us(ours),
+                    fmt_us(ours[0]),
                     "-",
                     0.0,
                     "",
@@ -691,25 +683,19 @@ def latency_rows(lat: Latency) -> list[Row]:
                 )
             )
         rows.append(
-            Row(
+            compare(
                 group,
                 f"{label}: frame vs shared_memory + Pipe",
-                fmt_us(ours),
-                fmt_us(lat.shm[size]),
-                ours / lat.shm[size],
-                "",
-                None,
+                ours,
+                [lat.shm[size]],
             )
         )
     rows.append(
-        Row(
+        compare(
             group,
             "4 KiB, released untouched (no cpu_access): frame vs bare",
-            fmt_us(lat.untouched),
-            fmt_us(lat.bare),
-            lat.untouched / lat.bare,
-            "",
-            None,
+            [lat.untouched],
+            [lat.bare],
         )
     )
     return rows

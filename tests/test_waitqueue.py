@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -83,6 +85,28 @@ async def test_a_value_handed_to_a_cancelled_waiter_is_not_lost() -> None:
     assert results + abandoned == ["the lock"]
 
 
+async def _cancel_while_parked(
+    queue: WaitQueue,
+    waiter: Callable[[anyio.CancelScope], Coroutine[Any, Any, None]],
+    value: object = None,
+) -> anyio.CancelScope:
+    """Cancel the scope ``waiter`` parks in (shielded), then unpark it with ``value``.
+
+    Checks that the waiter is still parked after the cancellation and a
+    checkpoint; returns the scope once the waiter is done.
+    """
+    scope = anyio.CancelScope()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter, scope)
+        await wait_all_blocked()
+        scope.cancel()
+        await wait_all_blocked()
+        await anyio.lowlevel.checkpoint()
+        assert len(queue) == 1  # still parked
+        queue.unpark(value)
+    return scope
+
+
 async def test_a_shielded_park_ignores_cancellation_until_woken() -> None:
     queue = WaitQueue()
     done = anyio.Event()
@@ -93,14 +117,7 @@ async def test_a_shielded_park_ignores_cancellation_until_woken() -> None:
             done.set()
             await anyio.lowlevel.checkpoint()  # the cancellation lands here
 
-    scope = anyio.CancelScope()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(shielded, scope)
-        await wait_all_blocked()
-        scope.cancel()
-        await wait_all_blocked()
-        assert len(queue) == 1  # still parked
-        queue.unpark()
+    scope = await _cancel_while_parked(queue, shielded)
     assert done.is_set()
     assert scope.cancelled_caught
 
@@ -231,15 +248,7 @@ async def test_a_cancel_scope_cancelled_during_a_shielded_park_lands_after_it() 
         await anyio.lowlevel.checkpoint()  # nothing more is pending
         order.append("done")
 
-    scope = anyio.CancelScope()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(shielded, scope)
-        await wait_all_blocked()
-        scope.cancel()
-        await wait_all_blocked()
-        await anyio.lowlevel.checkpoint()
-        assert len(queue) == 1
-        queue.unpark("woken")
+    scope = await _cancel_while_parked(queue, shielded, "woken")
     assert scope.cancelled_caught
     assert order == ["woken", "ran on", "cancelled", "left", "done"]
 

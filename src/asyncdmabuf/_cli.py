@@ -11,6 +11,7 @@ SIGTERM: the partial report, JSON and plot are still written).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -733,11 +734,16 @@ def _stress_command(args: argparse.Namespace, console: Console, errors: Console)
         highlight=False,
     )
 
-    def run_one(
-        label: str, backend: str, options: dict[str, object]
-    ) -> tuple[Any, bool]:
-        return _run_one(label, backend, options, config, console, args.quiet)
-
+    run_one: _RunOne = functools.partial(
+        _run_shown,
+        runner=run_stress,
+        config=config,
+        count=config.ops,
+        unit="ops",
+        shown=_stress_shown,
+        console=console,
+        quiet=args.quiet,
+    )
     outcome = _run_backends(labels, run_one, console, _one_line)
     _print_reports(console, outcome.reports, quiet=args.quiet)
     if plt is not None and outcome.reports:
@@ -861,43 +867,69 @@ def _progress(label: str, console: Console, timed: bool, live: bool) -> Progress
     )
 
 
-def _run_one(
+def _stress_shown(p: StressProgress) -> tuple[int, str]:
+    """A stress run's progress: operations done, and its statistics."""
+    return p.ops_done, f"busy {p.busy:,} cancelled {p.cancellations:,}"
+
+
+def _run_shown(
     label: str,
     backend: str,
     options: dict[str, object],
-    config: StressConfig,
+    *,
+    runner: Callable[..., Any],
+    config: Any,
+    count: int | None,
+    unit: str,
+    shown: Callable[[Any], tuple[int, str]],
     console: Console,
     quiet: bool,
-) -> tuple[StressReport, bool]:
-    """Run one backend; return its report and whether a signal stopped it."""
-    timed = config.ops is None
+) -> tuple[Any, bool]:
+    """Run ``runner`` on one backend, its progress shown.
+
+    Args:
+        label: The backend's label.
+        backend: The anyio backend.
+        options: Its options.
+        runner: ``run_stress`` or ``run_stream``.
+        config: The run's configuration.
+        count: How many ``unit`` it does, or None for ``config.duration``.
+        unit: What it counts (``ops``, ``frames``).
+        shown: The count done and the statistics, from a progress record.
+        console: Where the progress goes: a live bar on a terminal, else a
+            line a second.
+        quiet: No progress at all.
+
+    Returns:
+        The report, and whether a signal stopped the run.
+    """
+    timed = count is None
     live = not quiet and console.is_terminal
     progress = _progress(label, console, timed, live)
-    total = config.duration if timed else config.ops
+    total = config.duration if timed else count
     printed = [-1.0]  # when the last plain progress line was printed
     with progress:
         task: TaskID = progress.add_task(label, total=total, stats="")
 
-        def monitor(p: StressProgress) -> None:
-            stats = f"busy {p.busy:,} cancelled {p.cancellations:,}"
-            done = min(p.elapsed, total or 0.0) if timed else p.ops_done
+        def monitor(p: Any) -> None:
+            done_count, stats = shown(p)
+            done = min(p.elapsed, total or 0.0) if timed else done_count
             progress.update(task, completed=done, stats=stats)
             if not live and not quiet and p.elapsed - printed[0] >= 1.0:
                 printed[0] = p.elapsed
                 console.print(
-                    f"{label}: {p.ops_done:,} ops in {p.elapsed:.1f} s, {stats}",
+                    f"{label}: {done_count:,} {unit} in {p.elapsed:.1f} s, {stats}",
                     highlight=False,
                 )
 
-        result: tuple[StressReport, bool] = anyio.run(
+        return anyio.run(
             _with_signals,
-            run_stress,
+            runner,
             config,
             monitor,
             backend=backend,
             backend_options=options,
         )
-    return result
 
 
 async def _with_signals(
@@ -1129,11 +1161,16 @@ def _stream_command(args: argparse.Namespace, console: Console) -> int:
         highlight=False,
     )
 
-    def run_one(
-        label: str, backend: str, options: dict[str, object]
-    ) -> tuple[Any, bool]:
-        return _run_stream_one(label, backend, options, config, console, args.quiet)
-
+    run_one: _RunOne = functools.partial(
+        _run_shown,
+        runner=run_stream,
+        config=config,
+        count=config.frames,
+        unit="frames",
+        shown=_stream_shown,
+        console=console,
+        quiet=args.quiet,
+    )
     outcome = _run_backends(labels, run_one, console, _stream_one_line)
     if outcome.reports:
         if not args.quiet:
@@ -1147,43 +1184,9 @@ def _stream_command(args: argparse.Namespace, console: Console) -> int:
     return _finish(console, outcome, skipped, args.json, None)
 
 
-def _run_stream_one(
-    label: str,
-    backend: str,
-    options: dict[str, object],
-    config: StreamConfig,
-    console: Console,
-    quiet: bool,
-) -> tuple[StreamReport, bool]:
-    """Run one backend of a stream run; return its report and whether stopped."""
-    timed = config.frames is None
-    live = not quiet and console.is_terminal
-    progress = _progress(label, console, timed, live)
-    total = config.duration if timed else config.frames
-    printed = [-1.0]
-    with progress:
-        task: TaskID = progress.add_task(label, total=total, stats="")
-
-        def monitor(p: StreamProgress) -> None:
-            stats = f"{p.subscribers} subscribers, dropped {p.dropped:,}"
-            done = min(p.elapsed, total or 0.0) if timed else p.frames_sent
-            progress.update(task, completed=done, stats=stats)
-            if not live and not quiet and p.elapsed - printed[0] >= 1.0:
-                printed[0] = p.elapsed
-                console.print(
-                    f"{label}: {p.frames_sent:,} frames in {p.elapsed:.1f} s, {stats}",
-                    highlight=False,
-                )
-
-        result: tuple[StreamReport, bool] = anyio.run(
-            _with_signals,
-            run_stream,
-            config,
-            monitor,
-            backend=backend,
-            backend_options=options,
-        )
-    return result
+def _stream_shown(p: StreamProgress) -> tuple[int, str]:
+    """A stream run's progress: frames sent, and its statistics."""
+    return p.frames_sent, f"{p.subscribers} subscribers, dropped {p.dropped:,}"
 
 
 def _bytes(n: int) -> str:

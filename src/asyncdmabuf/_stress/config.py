@@ -11,11 +11,14 @@ import importlib
 import inspect
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, Literal, Protocol, get_args
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, get_args
 
 from .._errors import InvalidArgument
 from .._exporter import Exporter
 from .._validate import check_int, check_number
+
+if TYPE_CHECKING:
+    from .._pool import Allocator
 
 __all__ = [
     "CLEAN_OPS",
@@ -201,6 +204,25 @@ def exporter_options(cls: type[Exporter]) -> frozenset[str]:
             inspect.Parameter.VAR_KEYWORD,
         )
     )
+
+
+def run_exporter(
+    config: ExporterSpec, exporter: Exporter | None
+) -> tuple[Exporter, Allocator]:
+    """The run's exporter, ``exporter`` or else :func:`make_exporter`'s; it allocates.
+
+    Returns:
+        The exporter, and the same object typed as an :class:`Allocator`.
+
+    Raises:
+        InvalidArgument: It cannot be built, or has no ``allocate(size)``.
+        NoDevice: Its backing is missing on this machine.
+    """
+    if exporter is None:
+        exporter = make_exporter(config)
+    if getattr(exporter, "allocate", None) is None:
+        raise InvalidArgument(f"exporter {exporter.name!r} has no allocate(size)")
+    return exporter, cast("Allocator", exporter)
 
 
 def make_exporter(config: ExporterSpec) -> Exporter:

@@ -16,6 +16,7 @@ __all__ = [
     "LatencySummary",
     "StressProgress",
     "StressReport",
+    "figure",
     "percentile",
 ]
 
@@ -169,17 +170,27 @@ class StressReport:
         data: dict[str, Any] = {}
         for field in fields(self):
             value = getattr(self, field.name)
-            if isinstance(value, LatencySummary):
-                data[f"{field.name}_us"] = value.to_dict()
-            elif field.name == "config":
+            if field.name == "config":
                 data["config"] = {
                     _CONFIG_KEYS.get(k, k): v for k, v in asdict(value).items()
                 }
-            elif field.name == "elapsed":
-                data["elapsed_s"] = value
-            elif field.name == "invariants":
-                data["invariants"] = [asdict(inv) for inv in value]
             else:
-                data[field.name] = value
+                key, item = figure(field.name, value)
+                data[key] = item
         data["ok"] = self.ok
         return data
+
+
+def figure(name: str, value: Any) -> tuple[str, Any]:
+    """A report's field as a JSON key and value, the key naming its unit.
+
+    Latencies become ``<name>_us``, ``elapsed`` ``elapsed_s``, invariants
+    dicts; anything else is kept as it is.
+    """
+    if isinstance(value, LatencySummary):
+        return f"{name}_us", value.to_dict()
+    if name == "elapsed":
+        return "elapsed_s", value
+    if name == "invariants":
+        return name, [asdict(inv) for inv in value]
+    return name, value

@@ -8,10 +8,9 @@ from collections.abc import Callable
 import anyio
 
 from .._backends import current_loop_label
-from .._errors import InvalidArgument
 from .._exporter import Exporter
 from .._stats import device_statistics
-from .config import StressConfig, injects_faults, make_exporter
+from .config import StressConfig, injects_faults, run_exporter
 from .instrument import instrumented
 from .report import LatencySummary, StressProgress, StressReport
 from .verdict import detach_leftovers, judge, memfds, put_all
@@ -56,11 +55,7 @@ async def run_stress(
         InvalidArgument: The exporter cannot be built, or has no ``allocate``.
         OutOfMemory: The buffers cannot be allocated.
     """
-    if exporter is None:
-        exporter = make_exporter(config)
-    allocate = getattr(exporter, "allocate", None)
-    if allocate is None:
-        raise InvalidArgument(f"exporter {exporter.name!r} has no allocate(size)")
+    exporter, allocator = run_exporter(config, exporter)
     backend = current_loop_label() or "none"
     fds_before = memfds()
     run = Run(config, exporter)
@@ -74,7 +69,9 @@ async def run_stress(
     elapsed = 0.0
     try:
         for i in range(config.buffers):
-            run.buffers.append(await allocate(config.buffer_size, name=f"stress-{i}"))
+            run.buffers.append(
+                await allocator.allocate(config.buffer_size, name=f"stress-{i}")
+            )
         run.started = run.last_progress = anyio.current_time()
         if config.ops is None:
             assert config.duration is not None
@@ -144,10 +141,21 @@ async def _run_workers(
         if stop is not None:
             tg.start_soon(_stop_on, run, stop, name="stress-stop")
         if run.config.watchdog:
-            tg.start_soon(watchdog, run, name="stress-watchdog")
+            tg.start_soon(
+                watchdog,
+                run,
+                run.config.watchdog,
+                who_waits,
+                run.workers_scope.cancel,
+                name="stress-watchdog",
+            )
         if monitor is not None:
             tg.start_soon(
-                run_monitor, run, monitor, monitor_interval, name="stress-monitor"
+                run_monitor,
+                run.progress,
+                monitor,
+                monitor_interval,
+                name="stress-monitor",
             )
         with run.workers_scope:
             async with anyio.create_task_group() as workers:

@@ -28,7 +28,7 @@ from .._layout import FrameLayout
 from .._stream._wire import MAX_BUFFERS, MAX_QUEUE
 from .._validate import check_int, check_number
 from .config import make_exporter
-from .report import Invariant, LatencySummary
+from .report import Invariant, LatencySummary, figure
 
 __all__ = [
     "DEFAULT_LAYOUT",
@@ -358,9 +358,7 @@ class StreamReport:
         data: dict[str, Any] = {"mode": "stream"}
         for field in fields(self):
             value = getattr(self, field.name)
-            if isinstance(value, LatencySummary):
-                data[f"{field.name}_us"] = value.to_dict()
-            elif field.name == "config":
+            if field.name == "config":
                 config = asdict(value)
                 config["layout"] = self.config.shape
                 config["buffer_size_bytes"] = self.config.buffer_size
@@ -369,24 +367,14 @@ class StreamReport:
                 config["frame_size_bytes"] = config.pop("frame_size")
                 config["memory_bytes"] = config.pop("memory")
                 data["config"] = config
-            elif field.name == "elapsed":
-                data["elapsed_s"] = value
-            elif field.name == "invariants":
-                data["invariants"] = [asdict(inv) for inv in value]
             elif field.name == "subscribers":
                 data["subscribers"] = [_subscriber_dict(s) for s in value]
             else:
-                data[field.name] = value
+                key, item = figure(field.name, value)
+                data[key] = item
         data["ok"] = self.ok
         return data
 
 
 def _subscriber_dict(report: SubscriberReport) -> dict[str, Any]:
-    data: dict[str, Any] = {}
-    for field in fields(report):
-        value = getattr(report, field.name)
-        if isinstance(value, LatencySummary):
-            data[f"{field.name}_us"] = value.to_dict()
-        else:
-            data[field.name] = value
-    return data
+    return dict(figure(f.name, getattr(report, f.name)) for f in fields(report))

@@ -22,7 +22,7 @@ import sys
 import time
 from array import array
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast, final
+from typing import Any, final
 
 import anyio
 import anyio.abc
@@ -30,11 +30,11 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from .._backends import current_loop_label
 from .._buffer import DmaBuf, live_buffers
-from .._errors import DmaBufError, InvalidArgument
+from .._errors import DmaBufError
 from .._exporter import Exporter
 from .._fence import Fence
 from .._stream import Frame, Publisher
-from .config import make_exporter
+from .config import run_exporter
 from .report import Invariant, LatencySummary
 from .stream import (
     MAX_LINE,
@@ -47,9 +47,8 @@ from .stream import (
     fill_pattern,
     overflow_of,
 )
-
-if TYPE_CHECKING:
-    from .._stream._publisher import Allocator
+from .watchdog import monitor as run_monitor
+from .watchdog import no_hang, watchdog
 
 __all__ = ["run_stream"]
 
@@ -202,11 +201,7 @@ async def run_stream(
         DmaBufError: The stream cannot be set up (a bind, an allocation), or
             a subscriber process does not start.
     """
-    if exporter is None:
-        exporter = make_exporter(config)
-    if getattr(exporter, "allocate", None) is None:
-        raise InvalidArgument(f"exporter {exporter.name!r} has no allocate(size)")
-    allocator = cast("Allocator", exporter)
+    exporter, allocator = run_exporter(config, exporter)
     backend = current_loop_label() or "none"
     path = f"@asyncdmabuf-stress-{os.getpid()}-{secrets.token_hex(6)}"
     fds_before = fd_table()
@@ -408,9 +403,16 @@ async def _drive(
         if stop is not None:
             tg.start_soon(_stop_on, run, stop, name="stress-stop")
         if run.config.watchdog:
-            tg.start_soon(_watchdog, run, name="stress-watchdog")
+            tg.start_soon(
+                watchdog,
+                run,
+                run.config.watchdog,
+                _who_holds,
+                lambda: run.active.cancel(),  # the drain gets a new scope
+                name="stress-watchdog",
+            )
         if monitor is not None:
-            tg.start_soon(_monitor, run, monitor, monitor_interval)
+            tg.start_soon(run_monitor, run.progress, monitor, monitor_interval)
         with run.active:
             await _publish(run)
         victim = run.children[0] if run.config.kill_after is not None else None
@@ -501,26 +503,6 @@ async def _stop_on(run: StreamRun, stop: anyio.Event) -> None:
     run.active.cancel()
 
 
-async def _watchdog(run: StreamRun) -> None:
-    limit = run.config.watchdog
-    while True:
-        idle = anyio.current_time() - run.last_progress
-        if idle >= limit:
-            run.hang_report = _who_holds(run, idle)
-            run.hung = True
-            run.active.cancel()
-            return
-        await anyio.sleep(max(limit - idle, limit / 1000))
-
-
-async def _monitor(
-    run: StreamRun, monitor: Callable[[StreamProgress], object], interval: float
-) -> None:
-    while True:
-        monitor(run.progress())
-        await anyio.sleep(interval)
-
-
 def _who_holds(run: StreamRun, idle: float) -> tuple[str, ...]:
     """Say what the publisher waits for, and which subscriber holds what."""
     lines = [f"nothing moved for {idle:.1f} s: {run.waiting}"]
@@ -609,18 +591,7 @@ def _judge(
     config = run.config
     sent = run.sent
     complete = run.drained and not run.interrupted
-    checks = [
-        Invariant(
-            "no hang",
-            not run.hung,
-            (
-                f"a frame was sent or a buffer came back at least every "
-                f"{config.watchdog:g} s" + ("" if config.watchdog else " (off)")
-            )
-            if not run.hung
-            else "the watchdog fired: " + run.hang_report[0],
-        )
-    ]
+    checks = [no_hang(run, config.watchdog, "a frame was sent or a buffer came back")]
     frames = sum(s.received for s in subs)
     verified = sum(s.verified for s in subs)
     bad = [s for s in subs if s.mismatches]

@@ -11,6 +11,7 @@ from .._errors import DmaBufError
 from .._stats import DeviceStatistics
 from .report import Invariant
 from .stream import fd_table
+from .watchdog import no_hang
 from .workload import Run
 
 __all__ = ["detach_leftovers", "judge", "memfds", "put_all"]
@@ -67,14 +68,7 @@ def judge(
     live = [buf for buf in live_buffers() if id(buf) in ours]
     new_fds = sorted(memfds() - fds_before)
     checks = [
-        Invariant(
-            "no hang",
-            not run.hung,
-            "an operation completed at least every "
-            f"{run.config.watchdog:g} s" + ("" if run.config.watchdog else " (off)")
-            if not run.hung
-            else "the watchdog fired: " + run.hang_report[0],
-        ),
+        no_hang(run, run.config.watchdog, "an operation completed"),
         Invariant("no live mapping", mappings == 0, f"{mappings} left mapped"),
         Invariant(
             "no live attachment", attachments == 0, f"{attachments} left attached"

@@ -1,42 +1,85 @@
 """The watchdog: it ends a run in which no operation completes for a while.
 
-It records who waits for what: for the buffers' locks (through
-:func:`~asyncdmabuf._buffer.lock_holder`) and for a device's memory (through
-the six fields of its statistics, when it has them), and who holds them.
+:func:`watchdog` and :func:`monitor` serve the stress and the stream runs.
+For a stress run, :func:`who_waits` records who waits for what: for the
+buffers' locks (through :func:`~asyncdmabuf._buffer.lock_holder`) and for a
+device's memory (through the six fields of its statistics, when it has them),
+and who holds them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 import anyio
 
 from .._buffer import lock_holder
 from .._stats import device_statistics
-from .report import StressProgress
+from .report import Invariant
 from .workload import Run
 
-__all__ = ["monitor", "watchdog", "who_waits"]
+__all__ = ["Watched", "monitor", "no_hang", "watchdog", "who_waits"]
 
 
-async def watchdog(run: Run) -> None:
-    limit = run.config.watchdog
+class Watched(Protocol):
+    """What the watchdog reads and sets on a run (a stress or a stream run)."""
+
+    last_progress: float
+    hung: bool
+    hang_report: tuple[str, ...]
+
+
+W = TypeVar("W", bound=Watched)
+P = TypeVar("P")
+
+
+async def watchdog(
+    run: W,
+    limit: float,
+    who_waits: Callable[[W, float], tuple[str, ...]],
+    cancel: Callable[[], object],
+) -> None:
+    """End ``run`` once ``limit`` seconds pass without progress.
+
+    Args:
+        run: Its ``last_progress`` is watched; ``hung`` and ``hang_report``
+            are set when it hangs.
+        limit: Seconds without progress that count as a hang.
+        who_waits: Describes who waits for what, given the seconds idle.
+        cancel: Cancels the run's work.
+    """
     while True:
         idle = anyio.current_time() - run.last_progress
         if idle >= limit:
             run.hang_report = who_waits(run, idle)
             run.hung = True
-            run.workers_scope.cancel()
+            cancel()
             return
         await anyio.sleep(max(limit - idle, limit / 1000))
 
 
 async def monitor(
-    run: Run, monitor: Callable[[StressProgress], object], interval: float
+    progress: Callable[[], P], monitor: Callable[[P], object], interval: float
 ) -> None:
+    """Call ``monitor`` with the ``progress()`` every ``interval`` seconds."""
     while True:
-        monitor(run.progress())
+        monitor(progress())
         await anyio.sleep(interval)
+
+
+def no_hang(run: Watched, limit: float, progress: str) -> Invariant:
+    """The "no hang" invariant: ``progress`` came at least every ``limit`` s.
+
+    Args:
+        run: The run; it failed if the watchdog found it hung.
+        limit: The watchdog's limit in seconds (0: off).
+        progress: What counts as progress, e.g. "an operation completed".
+    """
+    if run.hung:
+        return Invariant("no hang", False, "the watchdog fired: " + run.hang_report[0])
+    off = "" if limit else " (off)"
+    return Invariant("no hang", True, f"{progress} at least every {limit:g} s{off}")
 
 
 def who_waits(run: Run, idle: float) -> tuple[str, ...]:
