@@ -13,6 +13,7 @@ import pytest
 import asyncdmabuf as dmabuf
 from asyncdmabuf._backends import current_backend
 from asyncdmabuf._lock import FifoLock, LockStatistics
+from asyncdmabuf.exporters import MemfdExporter
 from asyncdmabuf.lowlevel import WaitQueue, WaitQueueStatistics
 
 from .helpers import assert_checkpoints, wait_all_blocked
@@ -271,3 +272,72 @@ async def test_a_shielded_park_in_an_already_cancelled_scope_still_waits() -> No
         assert len(queue) == 1
         queue.unpark("value")
     assert got == ["value", True]
+
+
+async def test_a_held_back_scope_cancel_does_not_land_inside_a_later_shield() -> None:
+    # Issue found by SIGTERM-ing `asyncdmabuf stress`: a scope cancel held back
+    # by a shielded park (a contended cpu_access exit) landed in the shielded
+    # cleanup that came next, so the cleanup's unmaps and detaches were lost.
+    queue = WaitQueue()
+    order: list[str] = []
+
+    async def shielded(scope: anyio.CancelScope) -> None:
+        with scope:
+            order.append(str(await queue.park(shielded=True)))
+            with anyio.CancelScope(shield=True):
+                await anyio.lowlevel.checkpoint()  # the shield holds
+                await anyio.lowlevel.checkpoint()
+                order.append("cleaned up")
+            try:
+                await anyio.lowlevel.checkpoint()
+            except anyio.get_cancelled_exc_class():
+                order.append("cancelled")
+                raise
+            order.append("not cancelled")  # pragma: no cover
+        if current_backend() == "asyncio":
+            task = asyncio.current_task()
+            assert task is not None
+            assert task.cancelling() == 0
+        await anyio.lowlevel.checkpoint()  # nothing more is pending
+        order.append("done")
+
+    scope = await _cancel_while_parked(queue, shielded, "woken")
+    assert scope.cancelled_caught
+    assert order == ["woken", "cleaned up", "cancelled", "done"]
+
+
+async def test_a_contended_cpu_access_exit_then_a_shielded_cleanup() -> None:
+    # The same, end to end: the access's exit waits (shielded) for the lock
+    # while its scope is cancelled; the shielded cleanup after it must complete.
+    buf = await MemfdExporter().allocate(4096)
+    att = await buf.attach(dmabuf.Device("d"))
+    sgt = await att.map(dmabuf.Direction.TO_DEVICE)
+    lock = buf._lock  # held by the test, as an exporter op that awaits holds it
+    body, end_body = anyio.Event(), anyio.Event()
+    done: list[str] = []
+
+    async def worker(scope: anyio.CancelScope) -> None:
+        with scope:
+            try:
+                async with buf.cpu_access("w"):
+                    body.set()
+                    await end_body.wait()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await att.unmap(sgt)
+                    done.append("unmapped")
+
+    async with anyio.create_task_group() as tg:
+        scope = anyio.CancelScope()
+        tg.start_soon(worker, scope)
+        await body.wait()
+        await lock.acquire()  # free: the access holds it only to begin and end
+        end_body.set()
+        await wait_all_blocked()  # the worker's exit queues behind the test
+        scope.cancel()
+        await wait_all_blocked()
+        lock.release()
+    assert done == ["unmapped"]
+    assert not att.mappings
+    await att.detach()
+    await buf.put()

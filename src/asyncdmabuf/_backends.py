@@ -22,6 +22,7 @@ import anyio.lowlevel
 __all__ = [
     "BACKENDS",
     "Backend",
+    "anyio_redelivers",
     "asyncio_current_task",
     "current_backend",
     "current_loop_label",
@@ -192,6 +193,28 @@ def _scope_cancelled(task: asyncio.Task[Any]) -> bool:
             return False
         scope = scope._parent_scope
     return False
+
+
+#: How anyio's asyncio backend words the cancellations its cancel scopes send.
+_ANYIO_CANCEL = "Cancelled via cancel scope "
+
+
+def anyio_redelivers(task: asyncio.Task[Any], message: object) -> bool:
+    """Whether anyio will send ``task`` this cancellation again by itself.
+
+    True when ``message`` is one of anyio's cancel-scope cancellations and a
+    cancelled anyio scope is still visible to ``task`` (no shield in between):
+    anyio then cancels the task again at its next wait, for as long as the
+    task stays inside that scope unshielded, and never inside a shield it
+    enters meanwhile. A cancellation held back for a while (a shielded park)
+    can then be forgotten; any other must be marked again.
+    """
+    return (
+        isinstance(message, str)
+        and message.startswith(_ANYIO_CANCEL)
+        and _anyio_task_states() is not None
+        and _scope_cancelled(task)
+    )
 
 
 @final

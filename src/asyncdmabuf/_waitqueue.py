@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import final
 
-from ._backends import asyncio_current_task, task_name
+from ._backends import anyio_redelivers, asyncio_current_task, task_name
 
 __all__ = ["WaitQueue", "WaitQueueStatistics"]
 
@@ -130,9 +130,11 @@ class WaitQueue:
         With ``shielded=True`` cancellation is ignored until the task is woken,
         and is then raised at the task's next checkpoint, exactly once: on trio
         the abort is refused; on asyncio the task waits on a future that
-        refuses to be cancelled, so a ``Task.cancel()`` only marks the task, and
-        the mark is set again (``uncancel()`` then ``cancel()``, so
-        ``cancelling()`` is unchanged) after the park has taken its value.
+        refuses to be cancelled, so a ``Task.cancel()`` only marks the task.
+        After the park has taken its value, a cancel of an anyio scope is left
+        to anyio, which sends it again at the task's next wait outside a
+        shield; any other is marked again (``uncancel()`` then ``cancel()``, so
+        ``cancelling()`` is unchanged).
         """
         waiters = self._waiters
         if waiters is None:
@@ -152,10 +154,15 @@ class WaitQueue:
                 raise
             if shielded and isinstance(exc, asyncio.CancelledError):
                 # Woken, then the mark a cancel left was delivered: take the
-                # value and mark the task again for its next checkpoint.
+                # value. A cancel of anyio's scope is sent again by anyio at
+                # the task's next wait outside a shield; any other is marked
+                # again for the task's next checkpoint. (Marking anyio's would
+                # let it land inside a shield the task enters first.)
                 assert task is not None  # a future is awaited by a task
                 task.uncancel()
-                task.cancel(exc.args[0] if exc.args else None)
+                message = exc.args[0] if exc.args else None
+                if not anyio_redelivers(task, message):
+                    task.cancel(message)
                 return future.result()
             self._on_abandon(future.result())
             raise
