@@ -13,21 +13,16 @@ shows as well. :mod:`.stream_run` runs it; this module holds the records.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import struct
-import threading
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
 
-import anyio
-
-from .._errors import DmaBufError, InvalidArgument
+from .._errors import InvalidArgument
 from .._layout import FrameLayout
 from .._stream._wire import MAX_BUFFERS, MAX_QUEUE
 from .._validate import check_int, check_number
-from .config import make_exporter
 from .report import Invariant, LatencySummary, figure
 
 __all__ = [
@@ -126,54 +121,6 @@ def fds_left(before: dict[str, str], after: dict[str, str]) -> list[str]:
     )
 
 
-#: Each exporter's answer to :func:`_unshareable`, asked once per process.
-_SHAREABLE: dict[str, str | None] = {}
-
-
-def _unshareable(config: StreamConfig) -> str | None:
-    """Return why ``config.exporter``'s buffers cannot be streamed, or None.
-
-    A stream shares each buffer's file; an exporter that keeps the bytes in
-    its own memory (simdev's device memory) makes buffers without one, which
-    ``Publisher.bind`` refuses. This allocates one buffer, once per exporter
-    name, in a thread of its own (no loop of the caller's is needed). An
-    exporter that cannot even be built or allocate is left to the run, which
-    reports that as before.
-    """
-    name = config.exporter
-    if name in _SHAREABLE:
-        return _SHAREABLE[name]
-
-    async def probe() -> str | None:
-        exporter = make_exporter(config)
-        allocate = getattr(exporter, "allocate", None)
-        if allocate is None:
-            return None  # the run says so
-        buf = await allocate(4096, name="stream-probe")
-        try:
-            if buf.shared:
-                return None
-            return (
-                f"exporter {name!r} keeps its buffers' bytes in its own memory, "
-                "with no file another process could map: a stream cannot share "
-                "them (use memfd or dmaheap)"
-            )
-        finally:
-            await buf.put()
-
-    answer: list[str | None] = [None]
-
-    def run() -> None:
-        with contextlib.suppress(DmaBufError, TypeError, ValueError):  # the run's
-            answer[0] = anyio.run(probe)
-
-    thread = threading.Thread(target=run, name="asyncdmabuf-stream-probe")
-    thread.start()
-    thread.join()
-    _SHAREABLE[name] = answer[0]
-    return answer[0]
-
-
 def overflow_of(mode: str, index: int) -> str:
     """Subscriber ``index``'s overflow: ``mixed`` alternates, block first."""
     if mode == "mixed":
@@ -256,9 +203,6 @@ class StreamConfig:
                 raise InvalidArgument(f"{name} must be finite, got {value}")
         if self.memory is not None:
             check_int(self.memory, "memory")
-        why = _unshareable(self)
-        if why is not None:
-            raise InvalidArgument(why)
 
     @property
     def buffer_size(self) -> int:
