@@ -34,6 +34,7 @@ from typing import Any
 import anyio
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ._backends import BACKENDS
 
@@ -338,15 +339,16 @@ def render(rows: Sequence[Row], title: str) -> Table:
         table.add_column(column, justify="left" if column == "measurement" else "right")
     group = None
     for row in rows:
-        table.add_row(
+        cells = (
             row.group if row.group != group else "",
             row.what,
             row.ours,
             row.baseline,
-            "" if row.ratio is None else f"{row.ratio:.3g}x",
+            "" if not row.ratio else f"{row.ratio:.3g}x",  # 0: nothing to compare
             row.goal,
             "" if row.met is None else ("yes" if row.met else "NO"),
         )
+        table.add_row(*(Text(cell) for cell in cells))  # brackets are text, not markup
         group = row.group
     return table
 
