@@ -73,24 +73,6 @@ async def test_loan_and_send_checkpoint_try_forms_do_not() -> None:
                 sub.receive_nowait()
 
 
-async def test_loan_takes_a_release_that_has_arrived_itself() -> None:
-    # The release is in the socket, the reader task has not run: loan() reads
-    # it in its own task (no hop through the reader), with its one checkpoint.
-    async with stream_pair() as (a, b):
-        pub = await dmabuf.Publisher.over(a, MemfdExporter(), 4096, buffers=1)
-        async with pub, await dmabuf.subscribe(b) as sub:
-            await send(pub, 0)
-            got = await sub.receive()
-            buf = got.buffer
-            got.release()  # sent at once, nobody has read it yet
-            with pytest.raises(dmabuf.Busy):
-                pub.try_loan()  # try_loan never reads
-            async with assert_checkpoints():
-                frame = await pub.loan()
-            assert frame.buffer is buf
-            frame.release()
-
-
 async def test_a_frame_dropped_before_its_acquire_fence_stays_out() -> None:
     async with stream_pair() as (a, b):
         pub = await dmabuf.Publisher.over(a, MemfdExporter(), 4096, buffers=3)

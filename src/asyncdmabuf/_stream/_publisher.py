@@ -450,7 +450,14 @@ class Publisher:
             for sent in list(self._history):
                 self._transmit(peer, sent)
             while not peer.gone:
-                self._read_batch(peer, *await transport.receive())
+                data, fds = await transport.receive()
+                self._handle_fds(peer, data, fds)
+                # What came with the same read is handled without a checkpoint
+                # each: at most a bounded batch before the next one.
+                for _ in range(_BATCH):
+                    if peer.gone or not transport.poll_nowait():
+                        break
+                    self._handle_fds(peer, *transport.receive_nowait())
         except _GONE:
             if peer is None:  # gone before it subscribed
                 self._refused += 1
@@ -459,39 +466,6 @@ class Publisher:
         finally:
             if peer is not None:
                 self._disconnect(peer)
-
-    def _read_batch(self, peer: _Peer, data: bytes, fds: list[int]) -> None:
-        """Handle a message, then what came with the same read (bounded)."""
-        self._handle_fds(peer, data, fds)
-        # What came with the same read is handled without a checkpoint each: at
-        # most a bounded batch before the next one.
-        transport = peer.transport
-        for _ in range(_BATCH):
-            if peer.gone or not transport.poll_nowait():
-                break
-            self._handle_fds(peer, *transport.receive_nowait())
-
-    def _take_arrived(self) -> bool:
-        """Handle what has arrived from every subscriber, without waiting.
-
-        loan() calls it before it parks: a release already there frees its
-        buffer in loan()'s own task, with no hop through the reader's. A
-        subscriber whose message is bad, or that has gone, is disconnected
-        here as its reader would have.
-
-        Returns:
-            Whether a buffer is free now.
-        """
-        for peer in list(self._peers):
-            try:
-                if peer.transport.poll_nowait():
-                    self._read_batch(peer, *peer.transport.receive_nowait())
-            except _GONE:
-                self._disconnect(peer)
-            except DmaBufError:  # a bad message: the peer is dropped
-                self._refused += 1
-                self._disconnect(peer)
-        return bool(self._free)
 
     def _handle_fds(self, peer: _Peer, data: bytes, fds: list[int]) -> None:
         try:
@@ -651,12 +625,12 @@ class Publisher:
         Raises:
             InvalidArgument: The publisher is closed or not entered.
         """
-        if self._free or self._take_arrived():
+        if self._free:
             await self._checkpoint()  # before anything is lent
         else:
             await anyio.lowlevel.checkpoint_if_cancelled()
         self._check_open()
-        while not self._free and not self._take_arrived():
+        while not self._free:
             if self._changed is None:
                 self._changed = anyio.Event()
             await self._changed.wait()
