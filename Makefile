@@ -41,7 +41,7 @@ pytest: $(STAMP)
 soak: $(STAMP)
 	ASYNCDMABUF_SOAK=1 $(BIN)/pytest -p no:cacheprovider --timeout=0 \
 		tests/test_stateful.py tests/test_cancel_points.py tests/test_faults.py \
-		tests/test_leaks.py tests/test_bad_input.py tests/test_fairness.py
+		tests/test_leaks.py tests/test_bad_input.py tests/test_fairness.py tests/test_lock.py
 
 # Every benchmark, one table of ratios; e.g. make bench BENCH_ARGS="--quick --strict".
 BENCH_ARGS ?=
