@@ -108,6 +108,26 @@ async def _cancel_while_parked(
     return scope
 
 
+async def _checkpoint_cancelled(order: list[str]) -> None:
+    """A checkpoint that must raise the held-back cancellation; noted in ``order``."""
+    try:
+        await anyio.lowlevel.checkpoint()
+    except anyio.get_cancelled_exc_class():
+        order.append("cancelled")
+        raise
+    order.append("not cancelled")  # pragma: no cover
+
+
+async def _nothing_pending(order: list[str]) -> None:
+    """Check that no cancellation is left on the task; note "done" in ``order``."""
+    if current_backend() == "asyncio":
+        task = asyncio.current_task()
+        assert task is not None
+        assert task.cancelling() == 0
+    await anyio.lowlevel.checkpoint()  # nothing more is pending
+    order.append("done")
+
+
 async def test_a_shielded_park_ignores_cancellation_until_woken() -> None:
     queue = WaitQueue()
     done = anyio.Event()
@@ -235,19 +255,9 @@ async def test_a_cancel_scope_cancelled_during_a_shielded_park_lands_after_it() 
             order.append(str(await queue.park(shielded=True)))
             # No checkpoint yet: the cancellation is held back until one.
             order.append("ran on")
-            try:
-                await anyio.lowlevel.checkpoint()
-            except anyio.get_cancelled_exc_class():
-                order.append("cancelled")
-                raise
-            order.append("not cancelled")  # pragma: no cover
+            await _checkpoint_cancelled(order)
         order.append("left")
-        if current_backend() == "asyncio":
-            task = asyncio.current_task()
-            assert task is not None
-            assert task.cancelling() == 0
-        await anyio.lowlevel.checkpoint()  # nothing more is pending
-        order.append("done")
+        await _nothing_pending(order)
 
     scope = await _cancel_while_parked(queue, shielded, "woken")
     assert scope.cancelled_caught
@@ -288,18 +298,8 @@ async def test_a_held_back_scope_cancel_does_not_land_inside_a_later_shield() ->
                 await anyio.lowlevel.checkpoint()  # the shield holds
                 await anyio.lowlevel.checkpoint()
                 order.append("cleaned up")
-            try:
-                await anyio.lowlevel.checkpoint()
-            except anyio.get_cancelled_exc_class():
-                order.append("cancelled")
-                raise
-            order.append("not cancelled")  # pragma: no cover
-        if current_backend() == "asyncio":
-            task = asyncio.current_task()
-            assert task is not None
-            assert task.cancelling() == 0
-        await anyio.lowlevel.checkpoint()  # nothing more is pending
-        order.append("done")
+            await _checkpoint_cancelled(order)
+        await _nothing_pending(order)
 
     scope = await _cancel_while_parked(queue, shielded, "woken")
     assert scope.cancelled_caught
