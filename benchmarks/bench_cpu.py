@@ -2,12 +2,14 @@
 
 * an empty ``async with buf.cpu_access("w")`` (goal: at most 2 µs), shown
   against one bare ``anyio.lowlevel.checkpoint()``, the floor of any async
-  operation;
-* a copy through it: ``async with buf.cpu_access("w") as view`` around a
-  ``numpy.copyto`` into the view (begin/end CPU access, the view, the numpy
-  wrapper, the copy) against the same ``numpy.copyto`` into the same mapped
-  memfd pages with no framework around it (goals: at least 0.6x the
-  bandwidth at 64 KiB, 0.9x at 1 MiB and beyond).
+  operation; and an empty ``with buf.try_cpu_access("w")``, the same access
+  without the checkpoint (same goal);
+* a copy through each: ``async with buf.cpu_access("w") as view`` (or ``with
+  buf.try_cpu_access("w") as view``) around a ``numpy.copyto`` into the view
+  (begin/end CPU access, the view, the numpy wrapper, the copy) against the
+  same ``numpy.copyto`` into the same mapped memfd pages with no framework
+  around it (goals: at least 0.6x the bandwidth at 64 KiB, 0.9x at 1 MiB and
+  beyond).
 
 Every page is faulted in before timing; on every backend, rounds alternate (a
 fresh loop per backend per round, the order of the sides reversed every other
@@ -78,6 +80,13 @@ async def sides(
                     pass
             return (time.perf_counter() - start) / n_empty
 
+        async def empty_try() -> float:
+            start = time.perf_counter()
+            for _ in range(n_empty):
+                with empty.try_cpu_access("w"):
+                    pass
+            return (time.perf_counter() - start) / n_empty
+
         async def checkpoint() -> float:
             start = time.perf_counter()
             for _ in range(n_empty):
@@ -85,12 +94,14 @@ async def sides(
             return (time.perf_counter() - start) / n_empty
 
         result["empty cpu_access"] = empty_access
+        result["empty try_cpu_access"] = empty_try
         result["checkpoint"] = checkpoint
         for size in sizes:
             buf = await exporter.allocate(size, name="bench-cpu")
             bufs.append(buf)
-            ours, bare = _copy_sides(buf, max(3, volume // size))
+            ours, ours_try, bare = _copy_sides(buf, max(3, volume // size))
             result[f"{human(size)} cpu_access"] = ours
+            result[f"{human(size)} try_cpu_access"] = ours_try
             result[f"{human(size)} numpy"] = bare
         for side in result.values():  # warm up (and fault every page in)
             await side()
@@ -100,13 +111,22 @@ async def sides(
             await buf.put()
 
 
-def _copy_sides(buf: DmaBuf, reps: int) -> tuple[Side, Side]:
+def _copy_sides(buf: DmaBuf, reps: int) -> tuple[Side, Side, Side]:
     src = np.random.default_rng(0).integers(0, 256, buf.size, dtype=np.uint8)
 
     async def ours() -> float:
         start = time.perf_counter()
         for _ in range(reps):
             async with buf.cpu_access("w") as view:
+                arr = np.frombuffer(view, dtype=np.uint8)
+                np.copyto(arr, src)
+                del arr
+        return buf.size * reps / (time.perf_counter() - start)
+
+    async def ours_try() -> float:
+        start = time.perf_counter()
+        for _ in range(reps):
+            with buf.try_cpu_access("w") as view:
                 arr = np.frombuffer(view, dtype=np.uint8)
                 np.copyto(arr, src)
                 del arr
@@ -125,7 +145,7 @@ def _copy_sides(buf: DmaBuf, reps: int) -> tuple[Side, Side]:
             bare.release()
         return buf.size * reps / elapsed
 
-    return ours, bare
+    return ours, ours_try, bare
 
 
 def rows(quick: bool) -> list[Row]:
@@ -137,32 +157,34 @@ def rows(quick: bool) -> list[Row]:
     )
     result = []
     for label, figures in samples.items():
-        empty = figures["empty cpu_access"]
         floor = median(figures["checkpoint"])
-        value = median(empty)
-        result.append(
-            Row(
-                "CPU access",
-                f"{label}: empty async with cpu_access('w') vs one checkpoint",
-                fmt_us(value),
-                fmt_us(floor),
-                value / floor,
-                f"<= {EMPTY_GOAL * 1e6:g} µs",
-                value <= EMPTY_GOAL,
-                len(empty),
+        for how in ("cpu_access", "try_cpu_access"):
+            empty = figures[f"empty {how}"]
+            value = median(empty)
+            form = "async with" if how == "cpu_access" else "with"
+            result.append(
+                Row(
+                    "CPU access",
+                    f"{label}: empty {form} {how}('w') vs one checkpoint",
+                    fmt_us(value),
+                    fmt_us(floor),
+                    value / floor,
+                    f"<= {EMPTY_GOAL * 1e6:g} µs",
+                    value <= EMPTY_GOAL,
+                    len(empty),
+                )
             )
-        )
-        result.extend(
-            compare(
-                "CPU access",
-                f"{label}: copy {human(size)} through cpu_access vs numpy.copyto",
-                figures[f"{human(size)} cpu_access"],
-                figures[f"{human(size)} numpy"],
-                fmt=fmt_gbps,
-                ge=COPY_GOALS[size],
+            result.extend(
+                compare(
+                    "CPU access",
+                    f"{label}: copy {human(size)} through {how} vs numpy.copyto",
+                    figures[f"{human(size)} {how}"],
+                    figures[f"{human(size)} numpy"],
+                    fmt=fmt_gbps,
+                    ge=COPY_GOALS[size],
+                )
+                for size in sizes
             )
-            for size in sizes
-        )
     return result
 
 

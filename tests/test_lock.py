@@ -66,6 +66,48 @@ async def test_waiters_are_served_in_arrival_order_and_none_barges_in() -> None:
     assert not lock.contended()
 
 
+async def test_deferred_work_runs_in_its_turn_holding_the_lock() -> None:
+    """defer(): at once on a free lock; else after who asked first, before later."""
+    lock = FifoLock()
+    order: list[str] = []
+
+    def deferred(name: str) -> None:
+        assert lock.locked()
+        assert task_name(lock.owner) == f"deferred {name}"
+        order.append(name)
+
+    async with assert_no_checkpoints():
+        lock.defer(lambda: order.append("at once"), "deferred now")
+    assert order == ["at once"]
+    assert not lock.locked()
+
+    async def take(name: str) -> None:
+        await lock.acquire()
+        order.append(name)
+        lock.release()
+
+    await lock.acquire()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(take, "before")
+        await wait_all_blocked()
+        async with assert_no_checkpoints():
+            lock.defer(lambda: deferred("one"), "deferred one")
+            lock.defer(lambda: deferred("two"), "deferred two")
+        tg.start_soon(take, "after")
+        await wait_all_blocked()
+        stats = lock.statistics()
+        assert stats.tasks_waiting == 4
+        lock.release()
+    assert order == ["at once", "before", "one", "two", "after"]
+    assert not lock.locked()
+
+    await lock.acquire()
+    lock.defer(lambda: order.append("last"), "deferred last")
+    lock.release()  # nobody else waits: the lock is free after it ran
+    assert order[-1] == "last"
+    assert not lock.locked()
+
+
 async def test_a_cancelled_waiter_leaves_the_queue() -> None:
     lock = FifoLock()
     await lock.acquire()

@@ -33,7 +33,7 @@ from ._resv import Reservation
 from ._types import CpuMode
 from ._undo import complete as complete_op
 from ._undo import run_undo, run_undo_sync
-from ._validate import check_cpu_mode, check_fd, check_int, check_name
+from ._validate import CPU_MODES, check_cpu_mode, check_fd, check_int, check_name
 
 __all__ = ["DmaBuf", "export", "get"]
 
@@ -488,6 +488,28 @@ class DmaBuf:
         check_cpu_mode(mode)
         self._check_live()
         return _cpu_access.CpuAccess(self, mode)
+
+    def try_cpu_access(self, mode: CpuMode = "rw") -> _cpu_access.TryCpuAccess:
+        """Return a context manager giving a view of the bytes, without waiting.
+
+        ``with buf.try_cpu_access("w") as view:`` is :meth:`cpu_access` with
+        no checkpoint, for hot loops of small copies: the entry begins the
+        access at once or raises ``Busy``; the exit never waits (if the block
+        awaited and another operation holds the lock by then, the end is
+        queued on the lock and runs in its turn). A view still exported at
+        exit keeps the access open, as with :meth:`cpu_access`.
+
+        Raises:
+            InvalidArgument: As for :meth:`cpu_access`.
+            Busy: On entry: a fence the access must wait for is pending,
+                another operation holds or waits for the buffer's lock, or the
+                exporter's ``begin_cpu_access`` or ``end_cpu_access`` is a
+                coroutine function (it may wait). Nothing has begun.
+        """
+        if mode not in CPU_MODES:
+            check_cpu_mode(mode)
+        self._check_live()
+        return _cpu_access.TryCpuAccess(self, mode)
 
     async def begin_cpu_access(self, mode: CpuMode) -> None:
         """Prepare the bytes for CPU access in ``mode`` (a checkpoint).

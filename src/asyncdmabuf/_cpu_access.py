@@ -12,18 +12,26 @@ once the array is gone.
 Beginning is a checkpoint; then, with no fence pending, the lock free and the
 exporter's hooks plain functions (:func:`start`, :func:`stop`), the whole access
 runs synchronously: no other awaits, no cancel scope, no object but the view.
+
+``with buf.try_cpu_access(mode) as view`` is the same access without the
+checkpoint (:class:`TryCpuAccess`): it begins at once or raises ``Busy``, and
+its exit never waits; an exit that finds the lock held leaves the end to the
+lock (:meth:`FifoLock.defer <asyncdmabuf._lock.FifoLock.defer>`), to run in
+its turn.
 """
 
 from __future__ import annotations
 
+import inspect
 import pickle
+import warnings
 from collections.abc import Awaitable, Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, final
 
 import anyio
 
-from ._errors import InvalidArgument
+from ._errors import Busy, InvalidArgument
 from ._types import CpuMode
 from ._undo import complete, run_undo, run_undo_sync
 from ._validate import check_cpu_mode
@@ -31,7 +39,7 @@ from ._validate import check_cpu_mode
 if TYPE_CHECKING:
     from ._buffer import DmaBuf
 
-__all__ = ["NO_CPU", "CpuAccess", "CpuState"]
+__all__ = ["NO_CPU", "CpuAccess", "CpuState", "TryCpuAccess"]
 
 
 @final
@@ -139,33 +147,54 @@ async def begin(buf: DmaBuf, mode: CpuMode) -> None:
         await pending
 
 
-def start(buf: DmaBuf, mode: CpuMode) -> Coroutine[Any, Any, None] | None:
+def start(
+    buf: DmaBuf, mode: CpuMode, *, wait: bool = True
+) -> Coroutine[Any, Any, None] | None:
     """Begin CPU access, after the caller's checkpoint, at once if nothing waits.
 
     With no fence to wait for, the lock free and the exporter's hook a plain
     function, the access has begun when this returns None. Otherwise it
-    returns the coroutine that begins it, which the caller awaits at once.
+    returns the coroutine that begins it, which the caller awaits at once;
+    with ``wait=False`` it raises ``Busy`` instead, and nothing has begun.
+
+    Raises:
+        Busy: ``wait`` is false and beginning would wait.
     """
     resv = buf._resv
     if resv is not None and not resv.test_for_cpu(mode):
+        if not wait:
+            raise Busy(f"{buf!r} has fences pending for CPU access {mode!r}")
         return _begin_waiting(buf, mode)
     lock = buf._lock
-    if not lock.acquire_nowait():
+    if lock.contended():
+        if not wait:
+            raise Busy(f"{buf!r} is locked by another operation")
         return _begin_waiting(buf, mode)
-    try:
-        buf._check_live()
-        result = buf._exporter.begin_cpu_access(buf, mode)
-    except BaseException:
-        lock.release()
-        raise
+    # The lock is free and nothing runs until a plain hook returns: it runs
+    # without taking the lock, which is taken only if the hook must be awaited.
+    buf._check_live()
+    result = buf._exporter.begin_cpu_access(buf, mode)
     if result is not None:
+        if not wait:
+            _discard(result)
+            raise Busy(f"{buf._exporter!r}'s begin_cpu_access would wait")
+        lock.acquire_nowait()  # free: nothing has run since the test
         return _begin_locked(buf, mode, result)
     cpu = buf._cpu
     if cpu is NO_CPU:
         cpu = buf._cpu_state()
     cpu.opened(mode)
-    lock.release()
     return None
+
+
+def _discard(result: Awaitable[None]) -> None:
+    """Drop what an exporter's hook returned to be awaited, without running it.
+
+    A coroutine that has not started has done nothing yet, and closing it
+    keeps it so.
+    """
+    if inspect.iscoroutine(result):
+        result.close()
 
 
 async def _begin_locked(buf: DmaBuf, mode: CpuMode, result: Awaitable[None]) -> None:
@@ -225,17 +254,14 @@ def stop(buf: DmaBuf, mode: CpuMode) -> Coroutine[Any, Any, bool] | None:
         BufferError: Each one's view is still exported.
     """
     lock = buf._lock
-    if not lock.acquire_nowait():
+    if lock.contended():
         return _end_waiting(buf, mode)
-    try:
-        buf._cpu.end(mode)
-        result = buf._exporter.end_cpu_access(buf, mode)
-    except BaseException:
-        lock.release()
-        raise
+    # As in start(): a plain hook runs without the lock.
+    buf._cpu.end(mode)
+    result = buf._exporter.end_cpu_access(buf, mode)
     if result is None:
-        lock.release()
         return None
+    lock.acquire_nowait()  # free: nothing has run since the test
     return _end_locked(buf, result)
 
 
@@ -262,6 +288,70 @@ async def _end_waiting(buf: DmaBuf, mode: CpuMode) -> bool:
     finally:
         lock.release()
     return True
+
+
+def stop_nowait(buf: DmaBuf, mode: CpuMode) -> None:
+    """End CPU access without waiting, ever (:class:`TryCpuAccess`'s exit).
+
+    With the lock free the access has ended when this returns. With the lock
+    held (the block awaited and another operation took it), the end is
+    queued on the lock and runs in its turn, holding it.
+
+    Raises:
+        InvalidArgument: No access of ``mode`` is open.
+        BufferError: Each one's view is still exported.
+        Exception: What the exporter's (plain) hook raised, if it ran now.
+    """
+    lock = buf._lock
+    if not lock.contended():
+        _end_now(buf, mode)  # plain: nothing runs until it returns
+        return
+    buf._cpu.check_end(mode)  # what the end would refuse, refused here
+    lock.defer(lambda: _end_deferred(buf, mode), f"end_cpu_access({mode!r})")
+
+
+def _end_now(buf: DmaBuf, mode: CpuMode) -> None:
+    """End an access with a plain exporter hook, the lock free or held."""
+    buf._cpu.end(mode)
+    if not run_undo_sync(buf._exporter.end_cpu_access(buf, mode)):
+        warnings.warn(
+            f"{buf._exporter!r}'s end_cpu_access({mode!r}) would wait, "
+            "and cannot from try_cpu_access: it did not complete",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def _end_deferred(buf: DmaBuf, mode: CpuMode) -> None:
+    """End an access when the lock comes to it; an error becomes a warning."""
+    if mode not in buf._cpu.modes():
+        return  # the last put ended every access meanwhile
+    try:
+        _end_now(buf, mode)
+    except Exception as exc:
+        warnings.warn(
+            f"ending the {mode!r} CPU access of {buf!r} after its block raised {exc!r}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def end_may_wait(exporter: object) -> bool:
+    """Whether an exporter's ``end_cpu_access`` is a coroutine function.
+
+    Looked up on its class once: :class:`TryCpuAccess` refuses to begin what
+    it could not end without waiting.
+    """
+    cls = type(exporter)
+    known = _END_MAY_WAIT.get(cls)
+    if known is None:
+        known = _END_MAY_WAIT[cls] = inspect.iscoroutinefunction(
+            getattr(cls, "end_cpu_access", None)
+        )
+    return known
+
+
+_END_MAY_WAIT: dict[type, bool] = {}
 
 
 async def end_all(buf: DmaBuf, errors: list[Exception]) -> None:
@@ -316,12 +406,7 @@ class CpuAccess:
         if pending is not None:
             await pending
         try:
-            base = buf._exporter.vmap(buf)
-            if mode == "r":
-                readonly = base.toreadonly()
-                base.release()
-                base = readonly
-            view = memoryview(pickle.PickleBuffer(base))
+            base, view = _views(buf, mode)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await end(buf, mode)
@@ -344,7 +429,7 @@ class CpuAccess:
                 view.release()
                 base.release()
             except BufferError:
-                self._keep_open(base, view, exc)
+                _keep_open(self._buf, self._mode, base, view, exc)
                 return  # the body's own exception propagates unchanged
         # Like trio's ``async with lock``, the block's checkpoint was at entry:
         # the exit ends the access (waiting, shielded, only if contended).
@@ -352,25 +437,94 @@ class CpuAccess:
         if pending is not None:
             await pending
 
-    def _keep_open(
-        self, base: memoryview, view: memoryview, exc: BaseException | None
-    ) -> None:
-        """Something still reads or writes through the view: keep the access open.
 
-        The buffer stays pinned and resident rather than lose those bytes.
+@final
+class TryCpuAccess:
+    """``with buf.try_cpu_access(mode) as view``: :class:`CpuAccess`, never waiting.
 
-        Raises:
-            BufferError: The block succeeded (``exc`` is None); otherwise a note
-                is added to ``exc`` and this returns, for it to propagate.
-        """
+    The entry begins the access at once or raises ``Busy``, and is no
+    checkpoint; the exit ends it at once, or, if the block awaited and
+    another operation holds the lock now, queues the end on the lock (it runs
+    in its turn, before any operation that asks later). Uncontended, the
+    whole access is synchronous, with no object but the view.
+    """
+
+    __slots__ = ("_base", "_buf", "_mode", "_view")
+
+    def __init__(self, buf: DmaBuf, mode: CpuMode) -> None:
+        self._buf = buf
+        self._mode = mode
+        self._base: memoryview | None = None
+        self._view: memoryview | None = None
+
+    def __enter__(self) -> memoryview:
         buf = self._buf
         mode = self._mode
-        buf._cpu.hold(_Held(mode, base, view))
-        message = (
-            f"the view of {buf!r} is still exported (a numpy array "
-            f"of it is alive): the {mode!r} CPU access stays open "
-            f"until end_cpu_access({mode!r}) or the last put"
-        )
-        if exc is None:
-            raise BufferError(message)
-        exc.add_note(message)
+        may_wait = _END_MAY_WAIT.get(type(buf._exporter))
+        if may_wait is None:
+            may_wait = end_may_wait(buf._exporter)
+        if may_wait:
+            raise Busy(f"{buf._exporter!r}'s end_cpu_access may wait")
+        start(buf, mode, wait=False)
+        try:
+            base, view = _views(buf, mode)
+        except BaseException:
+            stop_nowait(buf, mode)
+            raise
+        self._base = base
+        self._view = view
+        return view
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        base = self._base
+        view = self._view
+        if base is not None and view is not None:
+            self._base = self._view = None
+            try:
+                view.release()
+                base.release()
+            except BufferError:
+                _keep_open(self._buf, self._mode, base, view, exc)
+                return  # the body's own exception propagates unchanged
+        stop_nowait(self._buf, self._mode)
+
+
+def _views(buf: DmaBuf, mode: CpuMode) -> tuple[memoryview, memoryview]:
+    """The access's private view of the bytes, and the one handed out."""
+    base = buf._exporter.vmap(buf)
+    if mode == "r":
+        readonly = base.toreadonly()
+        base.release()
+        base = readonly
+    return base, memoryview(pickle.PickleBuffer(base))
+
+
+def _keep_open(
+    buf: DmaBuf,
+    mode: CpuMode,
+    base: memoryview,
+    view: memoryview,
+    exc: BaseException | None,
+) -> None:
+    """Something still reads or writes through the view: keep the access open.
+
+    The buffer stays pinned and resident rather than lose those bytes.
+
+    Raises:
+        BufferError: The block succeeded (``exc`` is None); otherwise a note
+            is added to ``exc`` and this returns, for it to propagate.
+    """
+    buf._cpu.hold(_Held(mode, base, view))
+    message = (
+        f"the view of {buf!r} is still exported (a numpy array "
+        f"of it is alive): the {mode!r} CPU access stays open "
+        f"until end_cpu_access({mode!r}) or the last put"
+    )
+    if exc is None:
+        raise BufferError(message)
+    exc.add_note(message)

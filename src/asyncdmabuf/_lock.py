@@ -11,7 +11,7 @@ asked how many tasks wait, which ``try_map`` needs. Waiters park on the one
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import final
 
@@ -22,7 +22,7 @@ from ._backends import (
     native_current_task,
     task_name,
 )
-from ._waitqueue import WaitQueue
+from ._waitqueue import Deferred, WaitQueue
 
 __all__ = ["FifoLock", "LockStatistics"]
 
@@ -159,12 +159,37 @@ class FifoLock:
         """
         return self.checkpoint_if_cancelled() if waited else self.checkpoint()
 
+    def defer(self, run: Callable[[], None], name: str) -> None:
+        """Run ``run`` holding the lock: now if it is free, else in its turn.
+
+        Never waits and never checkpoints: for work that must be done under
+        the lock by code that cannot wait (a synchronous ``__exit__``). A
+        queued ``run`` is called by the :meth:`release` that hands it the
+        lock, after everyone who asked first and before anyone who asks
+        later. ``run`` must be a plain function that does not raise.
+        """
+        if self.acquire_nowait():
+            try:
+                run()
+            finally:
+                self.release()
+            return
+        queue = self._queue
+        if queue is None:
+            queue = self._queue = WaitQueue(on_abandon=_pass_on)
+        queue.defer(Deferred(run, name))
+
     def release(self) -> None:
-        """Release the lock, handing it to the longest waiter if there is one."""
+        """Release the lock, handing it to the longest waiter if there is one.
+
+        Deferred work whose turn it is (:meth:`defer`) runs here, holding the
+        lock, before the lock passes on.
+        """
         queue = self._queue
         if queue is not None:
-            task = queue.unpark(self)
-            if task is not None:
+            while (task := queue.unpark(self)) is not None:
                 self._owner = task  # ownership has passed on: the lock stays held
-                return
+                if type(task) is not Deferred:
+                    return
+                task.run()  # a deferred entry's turn: run it, then pass on
         self._owner = None

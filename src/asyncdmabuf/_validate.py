@@ -15,6 +15,7 @@ from ._errors import BadFileDescriptor, InvalidArgument
 from ._types import CpuMode, Direction, Usage
 
 __all__ = [
+    "CPU_MODES",
     "FD_MAX",
     "check_bool",
     "check_cpu_mode",
@@ -32,7 +33,9 @@ FD_MAX = 2**31 - 1
 #: The longest buffer name, in bytes of UTF-8 (``DMA_BUF_NAME_LEN``).
 NAME_MAX = 32
 
-_CPU_MODES: frozenset[str] = frozenset(("r", "w", "rw"))
+#: The CPU access modes (a tuple: ``in`` is a few identity tests, and an
+#: unhashable value is not an error to it).
+CPU_MODES: tuple[str, ...] = ("w", "r", "rw")
 
 
 def is_int(value: object) -> bool:
@@ -169,6 +172,6 @@ def check_cpu_mode(mode: object) -> CpuMode:
     """
     if not isinstance(mode, str):
         raise TypeError(f"a CPU access mode is a str, not {type(mode).__name__}")
-    if mode not in _CPU_MODES:
+    if mode not in CPU_MODES:
         raise InvalidArgument(f"CPU access mode must be 'r', 'w' or 'rw', not {mode!r}")
     return cast(CpuMode, mode)

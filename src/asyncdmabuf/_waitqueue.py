@@ -29,7 +29,7 @@ from typing import final
 
 from ._backends import anyio_redelivers, asyncio_current_task, task_name
 
-__all__ = ["WaitQueue", "WaitQueueStatistics"]
+__all__ = ["Deferred", "WaitQueue", "WaitQueueStatistics"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +54,28 @@ class _ShieldedFuture(asyncio.Future[object]):
 
     def cancel(self, msg: object = None) -> bool:
         return False
+
+
+@final
+class Deferred:
+    """A waiter that is not a task: a plain function to run when its turn comes.
+
+    :meth:`WaitQueue.unpark` wakes nothing for it: it returns the entry, and
+    whoever unparked it runs it (:meth:`FifoLock.defer
+    <asyncdmabuf._lock.FifoLock.defer>` runs it holding the lock). It cannot
+    be cancelled: it leaves the queue only by being run.
+    """
+
+    __slots__ = ("name", "run")
+
+    def __init__(self, run: Callable[[], None], name: str) -> None:
+        #: Called once, when the entry's turn comes; it must not raise.
+        self.run = run
+        #: What it is, for statistics and watchdogs (as a task's name).
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<Deferred {self.name}>"
 
 
 def _trio_reschedule(task: object, value: object) -> None:
@@ -167,18 +189,32 @@ class WaitQueue:
             self._on_abandon(future.result())
             raise
 
+    def defer(self, entry: Deferred) -> None:
+        """Queue ``entry`` behind every waiter; never checkpoints.
+
+        Only for a queue whose unparker runs the :class:`Deferred` entries
+        :meth:`unpark` returns (the buffer lock's).
+        """
+        waiters = self._waiters
+        if waiters is None:
+            waiters = self._waiters = {}
+        waiters[entry] = entry
+
     def unpark(self, value: object = None) -> object | None:
         """Wake the longest waiter, handing it ``value``; never checkpoints.
 
         Returns:
-            The task woken, or None (and nothing happens) if nobody waits.
+            The task woken, the :class:`Deferred` entry whose turn it is (for
+            the caller to run; nothing was woken), or None (and nothing
+            happens) if nobody waits.
         """
         waiters = self._waiters
         while waiters:
             key = next(iter(waiters))
             task: object = waiters.pop(key)
-            if key is task:  # trio
-                _trio_reschedule(task, value)
+            if key is task:  # trio, or a deferred entry
+                if type(task) is not Deferred:
+                    _trio_reschedule(task, value)
                 return task
             future: asyncio.Future[object] = key  # type: ignore[assignment]
             if not future.done():

@@ -914,6 +914,43 @@ class ExporterConformance:
             await buf.put()
         self._finish()
 
+    async def test_try_cpu_access_agrees_with_cpu_access(self) -> None:
+        """``try_cpu_access`` gives the same bytes as ``cpu_access``, or Busy.
+
+        On a fresh buffer nothing else holds, Busy is allowed only when the
+        exporter's hooks are coroutine functions, and leaves nothing begun.
+        """
+        self._need_cpu()
+        rng = random.Random(9)
+        for size in self.sizes:
+            data = rng.randbytes(size)
+            buf = await self._new(size)
+            try:
+                with buf.try_cpu_access("w") as view:
+                    view[:] = data
+            except Busy:
+                if buf.cpu_access_modes:
+                    raise _fail("a try_cpu_access() that raised Busy began") from None
+                hooks = (
+                    getattr(type(self.exporter), name)
+                    for name in ("begin_cpu_access", "end_cpu_access")
+                )
+                if not any(inspect.iscoroutinefunction(hook) for hook in hooks):
+                    raise _fail(
+                        "try_cpu_access() raised Busy on a buffer nothing "
+                        "holds, with plain hooks"
+                    ) from None
+                await buf.put()
+                continue
+            async with buf.cpu_access("r") as view:
+                if view != data:
+                    raise _fail(f"{size} bytes written by try_cpu_access() lost")
+            with buf.try_cpu_access("r") as view:
+                if not view.readonly or view != data:
+                    raise _fail("try_cpu_access('r') gave other bytes, or writable")
+            await buf.put()
+        self._finish()
+
     async def test_release_exactly_once(self) -> None:
         """Only the last put releases, once; the buffer is unusable afterwards."""
         buf = await self._new(self.sizes[0])
