@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio as _asyncio
+import functools
 
 import anyio
 import anyio.lowlevel
@@ -180,13 +181,15 @@ def test_outside_an_event_loop_anyio_is_used() -> None:
 
 # -- FIFO and cancellation, model-checked ---------------------------------------------
 
-#: A step: queue a waiter (shielded or not), cancel the k-th live waiter through
-#: its scope or (asyncio) with ``Task.cancel()``, or release and at once cancel
-#: the waiter the lock was just handed to (through its scope, or natively),
-#: then queue again behind everyone.
+#: A step: queue a waiter (shielded or not), queue deferred work
+#: (:meth:`FifoLock.defer`, which nothing cancels), cancel the k-th live waiter
+#: through its scope or (asyncio) with ``Task.cancel()``, or release and at once
+#: cancel the waiter the lock was just handed to (through its scope, or
+#: natively), then queue again behind everyone.
 _steps = st.lists(
     st.one_of(
         st.tuples(st.just("wait"), st.booleans()),
+        st.tuples(st.just("defer"), st.none()),
         st.tuples(st.sampled_from(["cancel", "native"]), st.integers(0, 7)),
         st.tuples(st.just("handoff"), st.booleans()),
     ),
@@ -207,8 +210,9 @@ async def test_fifo_and_cancellation_at_every_point(
     its grant and its first step: the lock goes on to the next); a shielded
     waiter is
     granted anyway and meets its cancellation exactly once, at its next
-    checkpoint, with asyncio's ``cancelling()`` count exact; at the end the lock
-    is free and nobody is counted waiting.
+    checkpoint, with asyncio's ``cancelling()`` count exact; deferred work runs
+    in its turn, holding the lock; at the end the lock is free and nobody is
+    counted waiting.
     """
     asyncio = current_backend() == "asyncio"
     lock = FifoLock()
@@ -253,6 +257,12 @@ async def test_fifo_and_cancellation_at_every_point(
             assert tasks[i].cancelling() == 0  # type: ignore[attr-defined]
         await anyio.lowlevel.checkpoint()  # nothing more is pending
 
+    deferred: set[int] = set()
+
+    def run_deferred(i: int) -> None:
+        assert task_name(lock.owner) == f"deferred {i}"
+        grants.append(i)
+
     def live() -> list[int]:
         return [i for i in arrivals if i not in left and i not in grants]
 
@@ -268,11 +278,22 @@ async def test_fifo_and_cancellation_at_every_point(
                 await wait_all_blocked()
                 assert lock.waiting == len(queued) + 1
                 continue
+            if step == "defer":
+                i = len(arrivals)
+                arrivals.append(i)
+                deferred.add(i)
+                lock.defer(functools.partial(run_deferred, i), f"deferred {i}")
+                assert lock.waiting == len(queued) + 1
+                continue
             if not queued:
                 continue
             if step == "handoff":
                 victim = queued[0]
                 lock.release()  # handed to the victim...
+                if victim in deferred:  # which ran in the release, and passed it on
+                    await lock.acquire()
+                    assert lock.waiting == 0
+                    continue
                 if arg and asyncio:  # ...cancelled before it ran: it passes it on
                     tasks[victim].cancel()  # type: ignore[attr-defined]
                     natives[victim] = natives.get(victim, 0) + 1
@@ -284,6 +305,8 @@ async def test_fifo_and_cancellation_at_every_point(
                 assert lock.waiting == 0
                 continue
             victim = queued[int(arg) % len(queued)]  # type: ignore[call-overload]
+            if victim in deferred:
+                continue  # nothing cancels deferred work
             if step == "native":
                 if not asyncio:
                     continue
@@ -301,6 +324,8 @@ async def test_fifo_and_cancellation_at_every_point(
     assert lock.waiting == 0
     assert lock.owner is None
     for i in arrivals:
+        if i in deferred:
+            continue
         cancelled = scopes[i].cancel_called or natives.get(i, 0) > 0
         # Exactly one cancellation reached each cancelled waiter (anyio's scope
         # and a native cancel together arrive as one), none reached the others.
