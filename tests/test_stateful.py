@@ -53,7 +53,7 @@ from asyncdmabuf import (
 )
 from asyncdmabuf.exporters import MemfdExporter, SimDevice
 
-from .helpers import wait_all_blocked
+from .helpers import assert_no_checkpoints, wait_all_blocked
 from .reliability import (
     BACKENDS,
     PROFILE,
@@ -472,6 +472,34 @@ class LifecycleMachine(RuleBasedStateMachine):
         async with buf.cpu_access("w") as view:
             assert not view.readonly
             view[offset : offset + len(data)] = data
+
+    @precondition(lambda self: self.bufs)
+    @rule(i=picks, offset=st.integers(0, MAX_SIZE), data=st.binary(min_size=1))
+    def try_write(self, i: int, offset: int, data: bytes) -> None:
+        buf = self.bufs[i % len(self.bufs)]
+        if buf.released:
+            with pytest.raises(InvalidArgument):
+                buf.real.try_cpu_access("w")
+            return
+        offset %= buf.size
+        data = data[: buf.size - offset]
+        # Busy behind a READ (or stronger) fence, and on SimDevice, whose
+        # begin_cpu_access is a coroutine function: never a wait.
+        busy = buf.pending(Usage.READ) or buf.sim
+        assert self.call(self._try_write, buf.real, offset, data) == (not busy)
+        _seen(f"try_write busy={busy}")
+        if not busy:
+            buf.data[offset : offset + len(data)] = data
+
+    async def _try_write(self, buf: DmaBuf, offset: int, data: bytes) -> bool:
+        async with assert_no_checkpoints():
+            try:
+                with buf.try_cpu_access("w") as view:
+                    view[offset : offset + len(data)] = data
+            except dmabuf.Busy:
+                assert buf.cpu_access_modes == ()
+                return False
+        return True
 
     @precondition(lambda self: self.bufs)
     @rule(i=picks)
