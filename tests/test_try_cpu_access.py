@@ -8,10 +8,13 @@ runs in its turn (after who asked before, before who asks later).
 
 from __future__ import annotations
 
+import functools
 import gc
-from typing import ClassVar
+from collections.abc import Callable, Coroutine
+from typing import Any, ClassVar
 
 import anyio
+import anyio.abc
 import numpy as np
 import pytest
 
@@ -181,30 +184,47 @@ async def test_busy_when_the_exporters_hooks_may_wait() -> None:
     await buf.put()
 
 
-async def test_an_exit_behind_a_held_lock_ends_in_its_turn() -> None:
-    """The block awaits; meanwhile an attach takes the lock and a second queues.
+async def _exit_behind(
+    tg: anyio.abc.TaskGroup,
+    buf: DmaBuf,
+    exporter: GatedMemfd,
+    holder: Callable[[], Coroutine[Any, Any, object]],
+) -> anyio.Event:
+    """Make a ``try_cpu_access("w")`` block's exit find the lock held.
 
-    The exit queues the end behind the first attach and ahead of the second
-    one (which asked later), and returns at once.
+    The block awaits; meanwhile ``holder`` (an attach or a detach) takes the
+    lock and is held at the exporter's gate; then the block ends. Returns the
+    gate, for the caller to open.
+    """
+    exporter.gate = gate = anyio.Event()
+    body_may_exit = anyio.Event()
+
+    async def access() -> None:
+        with buf.try_cpu_access("w"):
+            await body_may_exit.wait()
+        exporter.calls.append("exit returned")
+
+    tg.start_soon(access)
+    await wait_all_blocked()
+    tg.start_soon(holder)
+    await exporter.attach_started.wait()
+    body_may_exit.set()
+    await wait_all_blocked()
+    return gate
+
+
+async def test_an_exit_behind_a_held_lock_ends_in_its_turn() -> None:
+    """The end queues behind the holder and ahead of who asks later.
+
+    The exit returns at once; a second attach that asks after it runs after
+    the end.
     """
     exporter = GatedMemfd()
     buf = await exporter.allocate(4096)
-    exporter.gate = gate = anyio.Event()
-    body_may_exit = anyio.Event()
     async with anyio.create_task_group() as tg:
-
-        async def access() -> None:
-            with buf.try_cpu_access("w") as view:
-                view[0] = 1
-                await body_may_exit.wait()
-            exporter.calls.append("exit returned")
-
-        tg.start_soon(access)
-        await wait_all_blocked()
-        tg.start_soon(_attach_detach, buf, "first")
-        await exporter.attach_started.wait()
-        body_may_exit.set()
-        await wait_all_blocked()
+        gate = await _exit_behind(
+            tg, buf, exporter, functools.partial(_attach_detach, buf, "first")
+        )
         assert exporter.calls[-1] == "exit returned"
         assert buf.cpu_access_modes == ("w",)  # not ended yet: its turn comes
         stats = buf.lock_statistics()
@@ -229,20 +249,10 @@ async def test_an_exit_behind_a_held_lock_ends_in_its_turn() -> None:
 async def test_a_deferred_end_that_fails_warns_and_frees_the_lock() -> None:
     exporter = GatedMemfd()
     buf = await exporter.allocate(4096)
-    exporter.gate = gate = anyio.Event()
-    body_may_exit = anyio.Event()
     async with anyio.create_task_group() as tg:
-
-        async def access() -> None:
-            with buf.try_cpu_access("rw"):
-                await body_may_exit.wait()
-
-        tg.start_soon(access)
-        await wait_all_blocked()
-        tg.start_soon(_attach_detach, buf, "dev")
-        await exporter.attach_started.wait()
-        body_may_exit.set()
-        await wait_all_blocked()
+        gate = await _exit_behind(
+            tg, buf, exporter, functools.partial(_attach_detach, buf, "dev")
+        )
         exporter.fail_end = True
         gate.set()
         with pytest.warns(RuntimeWarning, match="refused the sync"):
@@ -257,24 +267,12 @@ async def test_a_last_put_queued_behind_a_deferred_end() -> None:
     exporter = GatedMemfd()
     buf = await exporter.allocate(4096)
     att = await buf.attach(Device("dev"))
-    exporter.gate = gate = anyio.Event()
-    body_may_exit = anyio.Event()
     async with anyio.create_task_group() as tg:
-
-        async def access() -> None:
-            with buf.try_cpu_access("w"):
-                await body_may_exit.wait()
-
-        tg.start_soon(access)
-        await wait_all_blocked()
-        tg.start_soon(att.detach)  # holds the lock until the gate opens
-        await exporter.attach_started.wait()
-        body_may_exit.set()
-        await wait_all_blocked()
+        gate = await _exit_behind(tg, buf, exporter, att.detach)
         tg.start_soon(buf.put)  # the last put: it queues behind the end
         await wait_all_blocked()
         gate.set()
-    assert exporter.calls == ["attach", "begin w", "detach", "end w"]
+    assert exporter.calls == ["attach", "begin w", "detach", "exit returned", "end w"]
     assert buf.refcount == 0
 
 

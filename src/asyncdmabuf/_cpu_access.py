@@ -376,8 +376,39 @@ def end_all_sync(buf: DmaBuf, errors: list[Exception]) -> bool:
     return done
 
 
+class _Access:
+    """What both forms of an access keep: the buffer, the mode, the views."""
+
+    __slots__ = ("_base", "_buf", "_mode", "_view")
+
+    def __init__(self, buf: DmaBuf, mode: CpuMode) -> None:
+        self._buf = buf
+        self._mode = mode
+        self._base: memoryview | None = None
+        self._view: memoryview | None = None
+
+    def _let_go(self, exc: BaseException | None) -> bool:
+        """Release the views as the block ends; whether the access may end.
+
+        Raises:
+            BufferError: See :func:`_keep_open`.
+        """
+        base = self._base
+        view = self._view
+        if base is None or view is None:
+            return True
+        self._base = self._view = None
+        try:
+            view.release()
+            base.release()
+        except BufferError:
+            _keep_open(self._buf, self._mode, base, view, exc)
+            return False
+        return True
+
+
 @final
-class CpuAccess:
+class CpuAccess(_Access):
     """``async with buf.cpu_access(mode) as view``: begin, a view, end.
 
     The view handed out is a re-export (through :class:`pickle.PickleBuffer`)
@@ -390,13 +421,7 @@ class CpuAccess:
     runs synchronously.
     """
 
-    __slots__ = ("_base", "_buf", "_mode", "_view")
-
-    def __init__(self, buf: DmaBuf, mode: CpuMode) -> None:
-        self._buf = buf
-        self._mode = mode
-        self._base: memoryview | None = None
-        self._view: memoryview | None = None
+    __slots__ = ()
 
     async def __aenter__(self) -> memoryview:
         buf = self._buf
@@ -421,16 +446,8 @@ class CpuAccess:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        base = self._base
-        view = self._view
-        if base is not None and view is not None:
-            self._base = self._view = None
-            try:
-                view.release()
-                base.release()
-            except BufferError:
-                _keep_open(self._buf, self._mode, base, view, exc)
-                return  # the body's own exception propagates unchanged
+        if not self._let_go(exc):
+            return  # the body's own exception propagates unchanged
         # Like trio's ``async with lock``, the block's checkpoint was at entry:
         # the exit ends the access (waiting, shielded, only if contended).
         pending = stop(self._buf, self._mode)
@@ -439,7 +456,7 @@ class CpuAccess:
 
 
 @final
-class TryCpuAccess:
+class TryCpuAccess(_Access):
     """``with buf.try_cpu_access(mode) as view``: :class:`CpuAccess`, never waiting.
 
     The entry begins the access at once or raises ``Busy``, and is no
@@ -449,13 +466,7 @@ class TryCpuAccess:
     whole access is synchronous, with no object but the view.
     """
 
-    __slots__ = ("_base", "_buf", "_mode", "_view")
-
-    def __init__(self, buf: DmaBuf, mode: CpuMode) -> None:
-        self._buf = buf
-        self._mode = mode
-        self._base: memoryview | None = None
-        self._view: memoryview | None = None
+    __slots__ = ()
 
     def __enter__(self) -> memoryview:
         buf = self._buf
@@ -481,16 +492,8 @@ class TryCpuAccess:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        base = self._base
-        view = self._view
-        if base is not None and view is not None:
-            self._base = self._view = None
-            try:
-                view.release()
-                base.release()
-            except BufferError:
-                _keep_open(self._buf, self._mode, base, view, exc)
-                return  # the body's own exception propagates unchanged
+        if not self._let_go(exc):
+            return  # the body's own exception propagates unchanged
         stop_nowait(self._buf, self._mode)
 
 
