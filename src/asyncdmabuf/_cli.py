@@ -1021,6 +1021,7 @@ def _figures(reports: list[StressReport]) -> Table:
     row("faults met / injected", lambda r: f"{r.faults:,} / {r.faults_injected:,}")
     row("evictions (move_notify)", lambda r: f"{r.evictions:,} ({r.move_notifies:,})")
     row("try ops abandoned (3)", lambda r: f"{r.abandoned:,}")
+    row("try_cpu_access / Busy", lambda r: f"{r.cpu_tried:,} / {r.cpu_busy:,}")
     row("MiB verified", lambda r: f"{r.bytes_verified / (1 << 20):,.0f}")
     row("verdict", _verdict)
     return table

@@ -155,6 +155,10 @@ class StressReport:
     busy_reasons: tuple[tuple[str, int], ...] = ()
     """Why ``try_map`` was Busy: the exporters' messages (buffer names
     folded), with how often, most frequent first."""
+    cpu_tried: int = 0
+    """``try_cpu_access`` calls (the verification of ``try`` operations)."""
+    cpu_busy: int = 0
+    """Of them, those Busy (then ``cpu_access`` waited)."""
 
     @property
     def ok(self) -> bool:

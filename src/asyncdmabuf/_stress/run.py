@@ -127,6 +127,8 @@ async def run_stress(
         hang_report=run.hang_report,
         notes=tuple(notes + _busy_notes(run)),
         busy_reasons=tuple(run.busy_reasons.most_common(BUSY_REASONS)),
+        cpu_tried=run.cpu_tried,
+        cpu_busy=run.cpu_busy,
     )
 
 

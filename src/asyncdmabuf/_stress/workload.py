@@ -89,6 +89,8 @@ class Run:
         "cancellations",
         "clock",
         "config",
+        "cpu_busy",
+        "cpu_tried",
         "deadline",
         "devices",
         "errors",
@@ -143,6 +145,8 @@ class Run:
         self.busy_reasons: Counter[str] = Counter()
         self.faults = self.move_notifies = 0
         self.bytes_verified = self.mismatches = 0
+        #: ``try_cpu_access`` calls (by ``try`` operations), and those Busy.
+        self.cpu_tried = self.cpu_busy = 0
         self.mismatch_detail: str | None = None
         self.errors: list[str] = []
         self.started = self.last_progress = anyio.current_time()
@@ -233,7 +237,7 @@ async def operation(run: Run, task: Task, rng: random.Random) -> None:
         if run.verifiable:
             for index, _, _ in tables:
                 task.doing("cpu_access", index)
-                await check_and_write(run, rng, index)
+                await check_and_write(run, rng, index, trying=mode == "try")
     except DmaBufError as exc:
         run.failed(exc)
     finally:
@@ -381,19 +385,38 @@ def pattern(tile: bytes | None, size: int) -> bytes:
     return (tile * (size // len(tile) + 1))[:size]
 
 
-async def check_and_write(run: Run, rng: random.Random, index: int) -> None:
+async def check_and_write(
+    run: Run, rng: random.Random, index: int, *, trying: bool = False
+) -> None:
     """Check the buffer holds its last writer's pattern, then write a new one.
 
     Check and write happen with no await between them, so no other task can
-    slip in: the expected pattern is always the last one written.
+    slip in: the expected pattern is always the last one written. A ``try``
+    operation (``trying``) first tries ``try_cpu_access``, and waits in
+    ``cpu_access`` only if that is Busy.
     """
     buf = run.buffers[index]
+    if trying:
+        run.cpu_tried += 1
+        try:
+            with buf.try_cpu_access("rw") as view:
+                _check_and_write(run, rng, index, view)
+                del view
+            return
+        except Busy:  # at entry: nothing began
+            run.cpu_busy += 1
     async with buf.cpu_access("rw") as view:
-        check_bytes(run, index, view)
-        tile = make_tile(index, rng.getrandbits(63))
-        view[:] = pattern(tile, buf.size)
-        run.expected[index] = tile
+        _check_and_write(run, rng, index, view)
         del view
+
+
+def _check_and_write(
+    run: Run, rng: random.Random, index: int, view: memoryview
+) -> None:
+    check_bytes(run, index, view)
+    tile = make_tile(index, rng.getrandbits(63))
+    view[:] = pattern(tile, len(view))
+    run.expected[index] = tile
 
 
 def check_bytes(run: Run, index: int, view: memoryview) -> None:
