@@ -14,7 +14,7 @@ import asyncdmabuf as dmabuf
 from asyncdmabuf._backends import current_backend
 from asyncdmabuf._lock import FifoLock, LockStatistics
 from asyncdmabuf.exporters import MemfdExporter
-from asyncdmabuf.lowlevel import WaitQueue, WaitQueueStatistics
+from asyncdmabuf.lowlevel import Deferred, WaitQueue, WaitQueueStatistics
 
 from .helpers import assert_checkpoints, wait_all_blocked
 
@@ -42,6 +42,33 @@ async def test_waiters_are_woken_in_arrival_order_with_their_values() -> None:
     assert got == list(enumerate("abcde"))
     assert queue.unpark("nobody") is None
     assert not queue
+
+
+async def test_a_deferred_entry_takes_its_turn_and_wakes_nobody() -> None:
+    """unpark() returns a deferred entry for its caller to run, in FIFO order."""
+    queue = WaitQueue()
+    got: list[object] = []
+    ran: list[str] = []
+
+    async def waiter() -> None:
+        got.append(await queue.park())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await wait_all_blocked()
+        entry = Deferred(lambda: ran.append("deferred"), "the deferred one")
+        queue.defer(entry)
+        tg.start_soon(waiter)
+        await wait_all_blocked()
+        assert queue.statistics().waiting[1] == "the deferred one"
+        assert queue.unpark("first") not in (None, entry)
+        assert queue.unpark("lost") is entry  # nothing woken: "lost" goes nowhere
+        assert ran == []  # the caller runs it, not the queue
+        entry.run()
+        assert queue.unpark("second") not in (None, entry)
+    assert got == ["first", "second"]
+    assert ran == ["deferred"]
+    assert repr(entry) == "<Deferred the deferred one>"
 
 
 async def test_park_always_suspends() -> None:

@@ -31,7 +31,7 @@ from ._validate import (
     check_number,
     is_int,
 )
-from ._waitqueue import WaitQueue, WaitQueueStatistics
+from ._waitqueue import Deferred, WaitQueue, WaitQueueStatistics
 
 __all__ = [
     "DMA_MASK_32",
@@ -41,6 +41,7 @@ __all__ = [
     "RESIZE_SEALS",
     "UNLIMITED_SEGMENT",
     "WRITE_SEALS",
+    "Deferred",
     "FdInfo",
     "FdKind",
     "MappedExporter",
