@@ -183,7 +183,7 @@ def start(
     cpu = buf._cpu
     if cpu is NO_CPU:
         cpu = buf._cpu_state()
-    cpu.opened(mode)
+    cpu._open.append(mode)  # cpu.opened(mode), a call less
     return None
 
 
@@ -313,7 +313,8 @@ def stop_nowait(buf: DmaBuf, mode: CpuMode) -> None:
 def _end_now(buf: DmaBuf, mode: CpuMode) -> None:
     """End an access with a plain exporter hook, the lock free or held."""
     buf._cpu.end(mode)
-    if not run_undo_sync(buf._exporter.end_cpu_access(buf, mode)):
+    result = buf._exporter.end_cpu_access(buf, mode)
+    if result is not None and not run_undo_sync(result):
         warnings.warn(
             f"{buf._exporter!r}'s end_cpu_access({mode!r}) would wait, "
             "and cannot from try_cpu_access: it did not complete",
