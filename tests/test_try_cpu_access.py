@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import functools
 import gc
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, ClassVar
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import numpy as np
 import pytest
 
@@ -98,6 +99,18 @@ class AsyncEnd(MemfdExporter):
 async def _attach_detach(buf: DmaBuf, name: str) -> None:
     async with buf.attach(Device(name)):
         pass
+
+
+class DisguisedEnd(MemfdExporter):
+    """A plain ``end_cpu_access`` that returns a coroutine which waits."""
+
+    name: ClassVar[str] = "disguised-end"
+
+    def end_cpu_access(self, buf: DmaBuf, mode: CpuMode) -> Awaitable[None]:
+        return self._end()
+
+    async def _end(self) -> None:
+        await anyio.lowlevel.checkpoint()
 
 
 async def test_the_bytes_written_are_the_buffers_and_nothing_checkpoints() -> None:
@@ -285,6 +298,19 @@ async def test_an_end_hook_failing_at_once_raises_in_the_block() -> None:
     assert buf.cpu_access_modes == ()  # counted as ended: the hook was called
     assert not buf.lock_statistics().locked
     exporter.fail_end = False
+    await buf.put()
+
+
+async def test_a_plain_end_hook_returning_a_wait_warns_and_ends() -> None:
+    """The class check passes; the coroutine is stepped once, then closed."""
+    buf = await DisguisedEnd().allocate(4096)
+    with (
+        pytest.warns(RuntimeWarning, match="would wait"),
+        buf.try_cpu_access("w"),
+    ):
+        pass
+    assert buf.cpu_access_modes == ()
+    assert not buf.lock_statistics().locked
     await buf.put()
 
 
