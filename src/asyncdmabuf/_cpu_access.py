@@ -337,24 +337,6 @@ def _end_deferred(buf: DmaBuf, mode: CpuMode) -> None:
         )
 
 
-def end_may_wait(exporter: object) -> bool:
-    """Whether an exporter's ``end_cpu_access`` is a coroutine function.
-
-    Looked up on its class once: :class:`TryCpuAccess` refuses to begin what
-    it could not end without waiting.
-    """
-    cls = type(exporter)
-    known = _END_MAY_WAIT.get(cls)
-    if known is None:
-        known = _END_MAY_WAIT[cls] = inspect.iscoroutinefunction(
-            getattr(cls, "end_cpu_access", None)
-        )
-    return known
-
-
-_END_MAY_WAIT: dict[type, bool] = {}
-
-
 async def end_all(buf: DmaBuf, errors: list[Exception]) -> None:
     """End every open access (the last put); the lock is held."""
     for mode in buf._cpu.drain():
@@ -472,10 +454,7 @@ class TryCpuAccess(_Access):
     def __enter__(self) -> memoryview:
         buf = self._buf
         mode = self._mode
-        may_wait = _END_MAY_WAIT.get(type(buf._exporter))
-        if may_wait is None:
-            may_wait = end_may_wait(buf._exporter)
-        if may_wait:
+        if buf._exporter._end_cpu_access_waits:
             raise Busy(f"{buf._exporter!r}'s end_cpu_access may wait")
         start(buf, mode, wait=False)
         try:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import abc
+import inspect
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._errors import Busy, InvalidArgument
 from ._types import CpuMode
@@ -23,8 +24,9 @@ class Exporter(abc.ABC):
 
     The framework calls the ops with the buffer's lock held, so an op never
     runs concurrently with another op on the same buffer. (A plain ``map``,
-    ``try_map`` or ``unmap`` called while the lock is free runs without taking
-    it: no other task can run before it returns.)
+    ``try_map``, ``unmap``, ``begin_cpu_access`` or ``end_cpu_access`` called
+    while the lock is free runs without taking it: no other task can run
+    before it returns.)
 
     Each op may be a coroutine function (``async def``): it may then wait for
     anything (sleeps, I/O, its own ``fail_after`` / ``move_on_after`` scopes),
@@ -44,6 +46,15 @@ class Exporter(abc.ABC):
     #: Shown by :func:`asyncdmabuf.bufinfo`; subclasses set their own (an
     #: instance may shadow it with a name of its own, as ``SimDevice`` does).
     name: ClassVar[str] = "exporter"
+
+    #: Whether the class's ``end_cpu_access`` is a coroutine function (it may
+    #: wait), worked out once per class: ``try_cpu_access`` refuses to begin
+    #: an access it could not end without waiting.
+    _end_cpu_access_waits: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._end_cpu_access_waits = inspect.iscoroutinefunction(cls.end_cpu_access)
 
     def attach(self, buf: DmaBuf, attachment: Attachment) -> Awaitable[None] | None:
         """Accept a new attachment, or refuse it.
