@@ -16,8 +16,7 @@ runs synchronously: no other awaits, no cancel scope, no object but the view.
 ``with buf.try_cpu_access(mode) as view`` is the same access without the
 checkpoint (:class:`TryCpuAccess`): it begins at once or raises ``Busy``, and
 its exit never waits; an exit that finds the lock held leaves the end to the
-lock (:meth:`FifoLock.defer <asyncdmabuf._lock.FifoLock.defer>`), to run in
-its turn.
+lock (``FifoLock.defer``), to run in its turn.
 """
 
 from __future__ import annotations

@@ -61,9 +61,9 @@ class Deferred:
     """A waiter that is not a task: a plain function to run when its turn comes.
 
     :meth:`WaitQueue.unpark` wakes nothing for it: it returns the entry, and
-    whoever unparked it runs it (:meth:`FifoLock.defer
-    <asyncdmabuf._lock.FifoLock.defer>` runs it holding the lock). It cannot
-    be cancelled: it leaves the queue only by being run.
+    whoever unparked it runs it (the buffer lock runs it holding the lock:
+    that is how ``try_cpu_access`` ends an access behind a held lock). It
+    cannot be cancelled: it leaves the queue only by being run.
     """
 
     __slots__ = ("name", "run")
