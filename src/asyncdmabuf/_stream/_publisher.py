@@ -23,6 +23,7 @@ Only :mod:`._transport`'s seam is used to talk to subscribers.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import time
 from collections import deque
@@ -53,8 +54,6 @@ __all__ = ["Publisher", "PublisherStatistics", "SubscriberInfo"]
 HANDSHAKE_TIMEOUT = 10.0
 
 _GONE = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError)
-#: The most messages from one subscriber handled between two checkpoints.
-_BATCH = 64
 
 
 class Allocator(Protocol):
@@ -134,7 +133,7 @@ class _Slot:
 
 
 class _Sent:
-    __slots__ = ("fence", "metadata", "seq", "slot", "timestamp")
+    __slots__ = ("fence", "metadata", "plain", "seq", "slot", "timestamp")
 
     def __init__(
         self,
@@ -149,6 +148,13 @@ class _Sent:
         self.timestamp = timestamp
         self.metadata = metadata
         self.fence = fence
+        #: The FRAME message without fds, encoded once for every subscriber.
+        self.plain: bytes | None = None
+
+    def encode(self, flags: int) -> bytes:
+        return _wire.encode_frame(
+            self.slot.id, flags, self.seq, self.timestamp, self.metadata
+        )
 
 
 class _Peer:
@@ -449,15 +455,9 @@ class Publisher:
             # come back and a "drop-oldest" one keeps its frame waiting.
             for sent in list(self._history):
                 self._transmit(peer, sent)
-            while not peer.gone:
-                data, fds = await transport.receive()
-                self._handle_fds(peer, data, fds)
-                # What came with the same read is handled without a checkpoint
-                # each: at most a bounded batch before the next one.
-                for _ in range(_BATCH):
-                    if peer.gone or not transport.poll_nowait():
-                        break
-                    self._handle_fds(peer, *transport.receive_nowait())
+            # Each message is handled as it comes, by a plain function (on
+            # asyncio in the loop's reader callback: no task is woken).
+            await transport.serve(functools.partial(self._handle_fds, peer))
         except _GONE:
             if peer is None:  # gone before it subscribed
                 self._refused += 1
@@ -468,39 +468,55 @@ class Publisher:
                 self._disconnect(peer)
 
     def _handle_fds(self, peer: _Peer, data: bytes, fds: list[int]) -> None:
+        """One message from ``peer`` (a RELEASE, most often); closes ``fds``."""
         try:
-            self._handle(peer, _wire.decode(data, len(fds)), fds)
+            release = _wire.decode_release(data, len(fds))
+            if release is not None:
+                self._release(peer, *release, fds)
+                return
+            message = _wire.decode(data, len(fds))
+            if not isinstance(message, _wire.Credit):
+                raise _wire.ProtocolError(f"a subscriber sent {type(message).__name__}")
+            self._credit(peer, message.credits)
         finally:
-            _close_fds(fds)
+            if fds:
+                _close_fds(fds)
 
-    def _handle(self, peer: _Peer, message: _wire.Message, fds: list[int]) -> None:
-        if isinstance(message, _wire.Credit):
-            self._credit(peer, message.credits)
-        elif isinstance(message, _wire.Release):
-            self._credit(peer, message.credits)
-            sent = peer.frames.get(message.seq)
-            if sent is None or sent.slot.id != message.buffer:
-                raise _wire.ProtocolError(
-                    f"a release of frame {message.seq} in buffer {message.buffer},"
-                    " which the subscriber does not hold"
-                )
-            # Import the fence first: if it is not one, the frame is still the
-            # peer's, and its disconnection gives it back.
-            fence = Fence.import_fd(fds[0]) if message.fence else None
-            del peer.frames[message.seq]
-            # A frame released before it was credited is credited now.
-            peer.inflight = min(peer.inflight, len(peer.frames))
-            slot = sent.slot
-            if fence is not None and not fence.signaled:
-                if peer.cut is None:
-                    peer.cut = Fence()
-                held = Fence.any(fence, peer.cut)
-                slot.buf.resv.add_fence(held, Usage.READ)
-                slot.fences[held] = peer
-            slot.holders.discard(peer)
+    def _release(
+        self,
+        peer: _Peer,
+        buffer: int,
+        has_fence: bool,
+        seq: int,
+        credits: int,
+        fds: list[int],
+    ) -> None:
+        if credits:
+            self._credit(peer, credits)
+        sent = peer.frames.get(seq)
+        if sent is None or sent.slot.id != buffer:
+            raise _wire.ProtocolError(
+                f"a release of frame {seq} in buffer {buffer},"
+                " which the subscriber does not hold"
+            )
+        # Import the fence first: if it is not one, the frame is still the
+        # peer's, and its disconnection gives it back.
+        fence = Fence.import_fd(fds[0]) if has_fence else None
+        del peer.frames[seq]
+        # A frame released before it was credited is credited now.
+        if peer.inflight > len(peer.frames):
+            peer.inflight = len(peer.frames)
+        slot = sent.slot
+        if fence is not None and not fence.signaled:
+            if peer.cut is None:
+                peer.cut = Fence()
+            held = Fence.any(fence, peer.cut)
+            slot.buf.resv.add_fence(held, Usage.READ)
+            slot.fences[held] = peer
+        holders = slot.holders
+        holders.discard(peer)
+        if not holders:
             self._maybe_free(slot)
-        else:
-            raise _wire.ProtocolError(f"a subscriber sent {type(message).__name__}")
 
     def _credit(self, peer: _Peer, credits: int) -> None:
         if credits > peer.inflight:
@@ -780,6 +796,26 @@ class Publisher:
 
     def _transmit(self, peer: _Peer, sent: _Sent) -> None:
         slot = sent.slot
+        fence = sent.fence
+        try:
+            if slot.id in peer.known and (fence is None or fence.signaled):
+                # The usual frame: no fds, the same bytes for every subscriber.
+                plain = sent.plain
+                if plain is None:
+                    plain = sent.plain = sent.encode(0)
+                peer.transport.send_nowait(plain)
+            else:
+                self._transmit_fds(peer, sent)
+        except (*_GONE, Busy):
+            self._disconnect(peer)
+            return
+        peer.inflight += 1
+        peer.frames[sent.seq] = sent
+        slot.holders.add(peer)
+
+    def _transmit_fds(self, peer: _Peer, sent: _Sent) -> None:
+        """Send a frame with its buffer's fd (the first time) or its fence's."""
+        slot = sent.slot
         fds: list[int] = []
         flags = 0
         try:
@@ -789,19 +825,10 @@ class Publisher:
             if sent.fence is not None and not sent.fence.signaled:
                 fds.append(sent.fence.export_fd())
                 flags |= _wire.HAS_FENCE
-            message = _wire.FrameMessage(
-                slot.id, flags, sent.seq, sent.timestamp, sent.metadata
-            )
-            peer.transport.send_nowait(message.encode(), fds)
-        except (*_GONE, Busy):
-            self._disconnect(peer)
-            return
+            peer.transport.send_nowait(sent.encode(flags), fds)
         finally:
             _close_fds(fds)
         peer.known.add(slot.id)
-        peer.inflight += 1
-        peer.frames[sent.seq] = sent
-        slot.holders.add(peer)
 
     # -- what is going on ---------------------------------------------------------
 

@@ -116,17 +116,8 @@ class FrameMessage:
     metadata: bytes
 
     def encode(self) -> bytes:
-        return (
-            _FRAME.pack(
-                VERSION,
-                FRAME,
-                self.buffer,
-                self.flags,
-                self.seq,
-                self.timestamp,
-                len(self.metadata),
-            )
-            + self.metadata
+        return encode_frame(
+            self.buffer, self.flags, self.seq, self.timestamp, self.metadata
         )
 
     @property
@@ -157,6 +148,35 @@ class Credit:
 
 
 Message = Subscribe | Welcome | FrameMessage | Release | Credit
+
+
+def encode_frame(
+    buffer: int, flags: int, seq: int, timestamp: int, metadata: bytes
+) -> bytes:
+    """Return a FRAME message (what :meth:`FrameMessage.encode` returns)."""
+    head = _FRAME.pack(VERSION, FRAME, buffer, flags, seq, timestamp, len(metadata))
+    return head + metadata if metadata else head
+
+
+def decode_release(data: bytes, nfds: int) -> tuple[int, bool, int, int] | None:
+    """Return a RELEASE's ``(buffer, fence, seq, credits)``; None if not one.
+
+    The per-frame path: no message object. Checked as :func:`decode` does.
+
+    Raises:
+        ProtocolError: A RELEASE that is not valid, or not with its fds.
+    """
+    if len(data) != _RELEASE.size or data[1] != RELEASE:
+        return None
+    version, _, buffer, flags, seq, credits = _RELEASE.unpack(data)
+    if version != VERSION:
+        return None  # decode() says why
+    if flags & ~HAS_FENCE:
+        raise ProtocolError(f"RELEASE flags {flags:#x}")
+    expected = 1 if flags else 0
+    if nfds != expected:
+        raise ProtocolError(f"a message that carries {expected} fds came with {nfds}")
+    return buffer, bool(flags), seq, credits
 
 
 def _exact(data: bytes, record: struct.Struct, what: str) -> tuple[int, ...]:
@@ -197,11 +217,10 @@ def decode(data: bytes, nfds: int) -> Message:
         message = FrameMessage(buffer, flags, seq, ts, data[_FRAME.size :])
         expected = message.fds
     elif kind == RELEASE:
-        _, _, buffer, flags, seq, credits = _exact(data, _RELEASE, "RELEASE")
-        if flags & ~HAS_FENCE:
-            raise ProtocolError(f"RELEASE flags {flags:#x}")
-        message = Release(buffer, bool(flags), seq, credits)
-        expected = int(message.fence)
+        _exact(data, _RELEASE, "RELEASE")
+        release = decode_release(data, nfds)
+        assert release is not None
+        return Release(*release)
     elif kind == CREDIT:
         (_, _, credits) = _exact(data, _CREDIT, "CREDIT")
         message = Credit(credits)
