@@ -673,16 +673,20 @@ class Publisher:
             raise TypeError(f"send() needs a Frame, not {type(frame).__name__}")
         if fence is not None and not isinstance(fence, Fence):
             raise TypeError(f"an acquire fence is a Fence, not {type(fence).__name__}")
-        if not isinstance(metadata, (bytes, bytearray, memoryview)):
+        if type(metadata) is bytes:  # the usual case: no copy to make
+            data = metadata
+        elif isinstance(metadata, (bytes, bytearray, memoryview)):
+            data = bytes(metadata)
+        else:
             raise TypeError(f"metadata is bytes, not {type(metadata).__name__}")
-        data = bytes(metadata)
         if len(data) > _wire.MAX_METADATA:
             raise InvalidArgument(
                 f"metadata of {len(data)} bytes, at most {_wire.MAX_METADATA}"
             )
         if timestamp is None:
             timestamp = time.monotonic_ns()
-        check_int(timestamp, "timestamp", -(2**63))
+        else:
+            check_int(timestamp, "timestamp", -(2**63), 2**63 - 1)
         self._check_open()
         slot = frame._token
         if frame._owner is not self or not isinstance(slot, _Slot) or frame.released:
@@ -764,7 +768,10 @@ class Publisher:
         slot = sent.slot
         slot.holders.add(_NOBODY)  # not free while this send runs
         try:
-            for peer in list(self._peers):
+            for peer in tuple(self._peers):
+                if peer.inflight < peer.queue and not peer.gone:
+                    self._transmit(peer, sent)  # room: the usual case
+                    continue
                 while (
                     peer.overflow == "block"
                     and peer.inflight >= peer.queue

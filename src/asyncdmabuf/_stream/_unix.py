@@ -39,6 +39,8 @@ from ._transport import MAX_FDS, MAX_MESSAGE, PeerCredentials
 __all__ = ["UnixListener", "UnixTransport", "connect", "listen", "socket_address"]
 
 _LENGTH = struct.Struct("<I")
+_HEAD = _LENGTH.size
+_unpack_length = _LENGTH.unpack_from
 _PEERCRED = struct.Struct("3i")
 _FD = array.array("i").itemsize
 #: Room for this many fds in each read: enough to see a peer sending too many.
@@ -462,35 +464,40 @@ class UnixTransport:
             return True
         try:
             _check_read(data, fds, flags)
-            self._buffer += data
-            self._split(fds)
+            self._split(data, fds)
         except BaseException:
             _close_all(fds)
             self._fail()
             raise
         return True
 
-    def _split(self, fds: list[int]) -> None:
-        """Cut whole messages off the buffer; ``fds`` go with the last one touched."""
+    def _split(self, data: bytes, fds: list[int]) -> None:
+        """Cut whole messages off what came; ``fds`` go with the last one touched."""
         buffer = self._buffer
+        if buffer:  # the start of a message came with an earlier read
+            buffer += data
+            data = bytes(buffer)
+            buffer.clear()
+        size = len(data)
         pos = 0
-        while True:
-            if len(buffer) - pos < _LENGTH.size:
-                break
-            (length,) = _LENGTH.unpack_from(buffer, pos)
+        ready = self._ready
+        while size - pos >= _HEAD:
+            (length,) = _unpack_length(data, pos)
             if length > MAX_MESSAGE:
                 raise InvalidArgument(f"a message of {length} bytes is too long")
-            end = pos + _LENGTH.size + length
-            if end > len(buffer):
+            start = pos + _HEAD
+            end = start + length
+            if end > size:
                 break
             mine = self._held
             self._held = []
-            if end == len(buffer):
+            if end == size:
                 mine += fds
                 fds = []
-            self._ready.append((bytes(buffer[pos + _LENGTH.size : end]), mine))
+            ready.append((data[start:end], mine))
             pos = end
-        del buffer[:pos]
+        if pos < size:
+            buffer += data[pos:]
         self._held += fds
         if len(self._held) > MAX_FDS:
             raise InvalidArgument("too many fds for one message")
