@@ -36,13 +36,14 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from .._backends import native_checkpoint
+from .._backends import native_checkpoint, native_checkpoint_if_cancelled
 from .._buffer import DmaBuf
 from .._errors import Busy, DmaBufError, InvalidArgument
 from .._fence import Fence
 from .._layout import FrameLayout
 from .._types import Usage
 from .._validate import check_int
+from .._waitqueue import WaitQueue
 from . import _wire
 from ._frame import Frame
 from ._transport import Listener, Transport
@@ -181,8 +182,8 @@ class _Peer:
         self.pending: deque[_Sent] = deque()  # waiting for a credit (drop-oldest)
         self.known: set[int] = set()  # buffer ids whose fd it has
         self.dropped = 0
-        #: Made by a send that waits for a credit; set when one comes.
-        self.credit: anyio.Event | None = None
+        #: The send waiting for a credit, woken when one comes.
+        self.credit = WaitQueue()
         self.gone = False
         #: Signalled with an error at disconnection: each release fence it
         #: gave is held as ``Fence.any(fence, cut)``.
@@ -217,6 +218,7 @@ class Publisher:
         "_free",
         "_history",
         "_history_len",
+        "_if_cancelled",
         "_layout",
         "_listener",
         "_peers",
@@ -250,7 +252,8 @@ class Publisher:
         self._listener = listener
         self._transport = transport
         self._peers: list[_Peer] = []
-        self._changed: anyio.Event | None = None
+        #: The loans waiting for a free buffer.
+        self._changed = WaitQueue()
         self._tg: anyio.abc.TaskGroup | None = None
         self._closed = False
         self._seq = 0
@@ -263,6 +266,7 @@ class Publisher:
         self._scopes: set[anyio.CancelScope] = set()
         #: The backend's own checkpoint, looked up once (the per-frame path).
         self._checkpoint = native_checkpoint()
+        self._if_cancelled = native_checkpoint_if_cancelled()
 
     # -- making one ---------------------------------------------------------------
 
@@ -531,9 +535,7 @@ class Publisher:
             sent.slot.holders.discard(peer)
             self._transmit(peer, sent)
             self._maybe_free(sent.slot)
-        event, peer.credit = peer.credit, None
-        if event is not None:
-            event.set()
+        peer.credit.unpark_all()
 
     async def _gate(self, slot: _Slot, scope: anyio.CancelScope) -> None:
         """Wait for every fence of the buffer's resv, then free it."""
@@ -572,16 +574,12 @@ class Publisher:
             slot.holders.discard(peer)
             self._maybe_free(slot)
         peer.transport.close_nowait()
-        event, peer.credit = peer.credit, None
-        if event is not None:
-            event.set()
+        peer.credit.unpark_all()
 
     # -- the pool -----------------------------------------------------------------
 
     def _wake(self) -> None:
-        event, self._changed = self._changed, None
-        if event is not None:
-            event.set()
+        self._changed.unpark_all()
 
     def _maybe_free(self, slot: _Slot) -> bool:
         """Free ``slot`` if nothing holds it and its resv is clear; or gate it.
@@ -644,12 +642,10 @@ class Publisher:
         if self._free:
             await self._checkpoint()  # before anything is lent
         else:
-            await anyio.lowlevel.checkpoint_if_cancelled()
+            await self._if_cancelled()
         self._check_open()
         while not self._free:
-            if self._changed is None:
-                self._changed = anyio.Event()
-            await self._changed.wait()
+            await self._changed.park()
             self._check_open()
         return self._lend(self._free.popleft())
 
@@ -777,9 +773,7 @@ class Publisher:
                     and peer.inflight >= peer.queue
                     and not peer.gone
                 ):
-                    if peer.credit is None:
-                        peer.credit = anyio.Event()
-                    await peer.credit.wait()
+                    await peer.credit.park()
                 self._offer(peer, sent)
         finally:
             slot.holders.discard(_NOBODY)

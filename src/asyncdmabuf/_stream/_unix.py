@@ -32,7 +32,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from .._backends import native_checkpoint
+from .._backends import native_checkpoint, native_checkpoint_if_cancelled
 from .._errors import Busy, InvalidArgument, from_oserror
 from ._transport import MAX_FDS, MAX_MESSAGE, PeerCredentials
 
@@ -97,6 +97,7 @@ class UnixTransport:
         "_fd",
         "_handler",
         "_held",
+        "_if_cancelled",
         "_loop",
         "_out",
         "_out_bytes",
@@ -136,6 +137,7 @@ class UnixTransport:
         self._drained = False
         #: The backend's own checkpoint, looked up once (the per-message path).
         self._checkpoint = native_checkpoint()
+        self._if_cancelled = native_checkpoint_if_cancelled()
         self._fd = self._sock.fileno()
         #: The asyncio loop whose reader callback watches the socket (None:
         #: not asyncio, or a loop without add_reader: anyio.wait_readable).
@@ -275,7 +277,7 @@ class UnixTransport:
         if waited:
             await self._checkpoint()  # nothing taken yet: one yield
         else:
-            await anyio.lowlevel.checkpoint_if_cancelled()
+            await self._if_cancelled()
         while not self._ready:
             self._raise_error()
             self._check_readable()
