@@ -739,6 +739,15 @@ def throughput_rows(
         ),
         Row(
             group,
+            "publisher CPU per frame per extra subscriber vs per bare message",
+            fmt_us((four.cpu - one.cpu) / 3),
+            fmt_us(bare.cpu),
+            (four.cpu - one.cpu) / 3 / bare.cpu,
+            "",
+            None,
+        ),
+        Row(
+            group,
             "frames/s to 1 subscriber vs bare 16-byte messages, 4 in flight",
             f"{one.rate:,.0f}/s",
             f"{bare.rate:,.0f}/s",

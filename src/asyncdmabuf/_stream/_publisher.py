@@ -23,6 +23,7 @@ Only :mod:`._transport`'s seam is used to talk to subscribers.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import time
 from collections import deque
@@ -35,13 +36,14 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from .._backends import native_checkpoint
+from .._backends import native_checkpoint, native_checkpoint_if_cancelled
 from .._buffer import DmaBuf
 from .._errors import Busy, DmaBufError, InvalidArgument
 from .._fence import Fence
 from .._layout import FrameLayout
 from .._types import Usage
 from .._validate import check_int
+from .._waitqueue import WaitQueue
 from . import _wire
 from ._frame import Frame
 from ._transport import Listener, Transport
@@ -53,8 +55,6 @@ __all__ = ["Publisher", "PublisherStatistics", "SubscriberInfo"]
 HANDSHAKE_TIMEOUT = 10.0
 
 _GONE = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError)
-#: The most messages from one subscriber handled between two checkpoints.
-_BATCH = 64
 
 
 class Allocator(Protocol):
@@ -134,7 +134,7 @@ class _Slot:
 
 
 class _Sent:
-    __slots__ = ("fence", "metadata", "seq", "slot", "timestamp")
+    __slots__ = ("fence", "metadata", "plain", "seq", "slot", "timestamp")
 
     def __init__(
         self,
@@ -149,6 +149,13 @@ class _Sent:
         self.timestamp = timestamp
         self.metadata = metadata
         self.fence = fence
+        #: The FRAME message without fds, encoded once for every subscriber.
+        self.plain: bytes | None = None
+
+    def encode(self, flags: int) -> bytes:
+        return _wire.encode_frame(
+            self.slot.id, flags, self.seq, self.timestamp, self.metadata
+        )
 
 
 class _Peer:
@@ -175,8 +182,8 @@ class _Peer:
         self.pending: deque[_Sent] = deque()  # waiting for a credit (drop-oldest)
         self.known: set[int] = set()  # buffer ids whose fd it has
         self.dropped = 0
-        #: Made by a send that waits for a credit; set when one comes.
-        self.credit: anyio.Event | None = None
+        #: The send waiting for a credit, woken when one comes.
+        self.credit = WaitQueue()
         self.gone = False
         #: Signalled with an error at disconnection: each release fence it
         #: gave is held as ``Fence.any(fence, cut)``.
@@ -211,6 +218,7 @@ class Publisher:
         "_free",
         "_history",
         "_history_len",
+        "_if_cancelled",
         "_layout",
         "_listener",
         "_peers",
@@ -244,7 +252,8 @@ class Publisher:
         self._listener = listener
         self._transport = transport
         self._peers: list[_Peer] = []
-        self._changed: anyio.Event | None = None
+        #: The loans waiting for a free buffer.
+        self._changed = WaitQueue()
         self._tg: anyio.abc.TaskGroup | None = None
         self._closed = False
         self._seq = 0
@@ -257,6 +266,7 @@ class Publisher:
         self._scopes: set[anyio.CancelScope] = set()
         #: The backend's own checkpoint, looked up once (the per-frame path).
         self._checkpoint = native_checkpoint()
+        self._if_cancelled = native_checkpoint_if_cancelled()
 
     # -- making one ---------------------------------------------------------------
 
@@ -449,15 +459,9 @@ class Publisher:
             # come back and a "drop-oldest" one keeps its frame waiting.
             for sent in list(self._history):
                 self._transmit(peer, sent)
-            while not peer.gone:
-                data, fds = await transport.receive()
-                self._handle_fds(peer, data, fds)
-                # What came with the same read is handled without a checkpoint
-                # each: at most a bounded batch before the next one.
-                for _ in range(_BATCH):
-                    if peer.gone or not transport.poll_nowait():
-                        break
-                    self._handle_fds(peer, *transport.receive_nowait())
+            # Each message is handled as it comes, by a plain function (on
+            # asyncio in the loop's reader callback: no task is woken).
+            await transport.serve(functools.partial(self._handle_fds, peer))
         except _GONE:
             if peer is None:  # gone before it subscribed
                 self._refused += 1
@@ -468,39 +472,55 @@ class Publisher:
                 self._disconnect(peer)
 
     def _handle_fds(self, peer: _Peer, data: bytes, fds: list[int]) -> None:
+        """One message from ``peer`` (a RELEASE, most often); closes ``fds``."""
         try:
-            self._handle(peer, _wire.decode(data, len(fds)), fds)
+            release = _wire.decode_release(data, len(fds))
+            if release is not None:
+                self._release(peer, *release, fds)
+                return
+            message = _wire.decode(data, len(fds))
+            if not isinstance(message, _wire.Credit):
+                raise _wire.ProtocolError(f"a subscriber sent {type(message).__name__}")
+            self._credit(peer, message.credits)
         finally:
-            _close_fds(fds)
+            if fds:
+                _close_fds(fds)
 
-    def _handle(self, peer: _Peer, message: _wire.Message, fds: list[int]) -> None:
-        if isinstance(message, _wire.Credit):
-            self._credit(peer, message.credits)
-        elif isinstance(message, _wire.Release):
-            self._credit(peer, message.credits)
-            sent = peer.frames.get(message.seq)
-            if sent is None or sent.slot.id != message.buffer:
-                raise _wire.ProtocolError(
-                    f"a release of frame {message.seq} in buffer {message.buffer},"
-                    " which the subscriber does not hold"
-                )
-            # Import the fence first: if it is not one, the frame is still the
-            # peer's, and its disconnection gives it back.
-            fence = Fence.import_fd(fds[0]) if message.fence else None
-            del peer.frames[message.seq]
-            # A frame released before it was credited is credited now.
-            peer.inflight = min(peer.inflight, len(peer.frames))
-            slot = sent.slot
-            if fence is not None and not fence.signaled:
-                if peer.cut is None:
-                    peer.cut = Fence()
-                held = Fence.any(fence, peer.cut)
-                slot.buf.resv.add_fence(held, Usage.READ)
-                slot.fences[held] = peer
-            slot.holders.discard(peer)
+    def _release(
+        self,
+        peer: _Peer,
+        buffer: int,
+        has_fence: bool,
+        seq: int,
+        credits: int,
+        fds: list[int],
+    ) -> None:
+        if credits:
+            self._credit(peer, credits)
+        sent = peer.frames.get(seq)
+        if sent is None or sent.slot.id != buffer:
+            raise _wire.ProtocolError(
+                f"a release of frame {seq} in buffer {buffer},"
+                " which the subscriber does not hold"
+            )
+        # Import the fence first: if it is not one, the frame is still the
+        # peer's, and its disconnection gives it back.
+        fence = Fence.import_fd(fds[0]) if has_fence else None
+        del peer.frames[seq]
+        # A frame released before it was credited is credited now.
+        if peer.inflight > len(peer.frames):
+            peer.inflight = len(peer.frames)
+        slot = sent.slot
+        if fence is not None and not fence.signaled:
+            if peer.cut is None:
+                peer.cut = Fence()
+            held = Fence.any(fence, peer.cut)
+            slot.buf.resv.add_fence(held, Usage.READ)
+            slot.fences[held] = peer
+        holders = slot.holders
+        holders.discard(peer)
+        if not holders:
             self._maybe_free(slot)
-        else:
-            raise _wire.ProtocolError(f"a subscriber sent {type(message).__name__}")
 
     def _credit(self, peer: _Peer, credits: int) -> None:
         if credits > peer.inflight:
@@ -515,9 +535,7 @@ class Publisher:
             sent.slot.holders.discard(peer)
             self._transmit(peer, sent)
             self._maybe_free(sent.slot)
-        event, peer.credit = peer.credit, None
-        if event is not None:
-            event.set()
+        peer.credit.unpark_all()
 
     async def _gate(self, slot: _Slot, scope: anyio.CancelScope) -> None:
         """Wait for every fence of the buffer's resv, then free it."""
@@ -556,16 +574,12 @@ class Publisher:
             slot.holders.discard(peer)
             self._maybe_free(slot)
         peer.transport.close_nowait()
-        event, peer.credit = peer.credit, None
-        if event is not None:
-            event.set()
+        peer.credit.unpark_all()
 
     # -- the pool -----------------------------------------------------------------
 
     def _wake(self) -> None:
-        event, self._changed = self._changed, None
-        if event is not None:
-            event.set()
+        self._changed.unpark_all()
 
     def _maybe_free(self, slot: _Slot) -> bool:
         """Free ``slot`` if nothing holds it and its resv is clear; or gate it.
@@ -628,12 +642,10 @@ class Publisher:
         if self._free:
             await self._checkpoint()  # before anything is lent
         else:
-            await anyio.lowlevel.checkpoint_if_cancelled()
+            await self._if_cancelled()
         self._check_open()
         while not self._free:
-            if self._changed is None:
-                self._changed = anyio.Event()
-            await self._changed.wait()
+            await self._changed.park()
             self._check_open()
         return self._lend(self._free.popleft())
 
@@ -657,16 +669,20 @@ class Publisher:
             raise TypeError(f"send() needs a Frame, not {type(frame).__name__}")
         if fence is not None and not isinstance(fence, Fence):
             raise TypeError(f"an acquire fence is a Fence, not {type(fence).__name__}")
-        if not isinstance(metadata, (bytes, bytearray, memoryview)):
+        if type(metadata) is bytes:  # the usual case: no copy to make
+            data = metadata
+        elif isinstance(metadata, (bytes, bytearray, memoryview)):
+            data = bytes(metadata)
+        else:
             raise TypeError(f"metadata is bytes, not {type(metadata).__name__}")
-        data = bytes(metadata)
         if len(data) > _wire.MAX_METADATA:
             raise InvalidArgument(
                 f"metadata of {len(data)} bytes, at most {_wire.MAX_METADATA}"
             )
         if timestamp is None:
             timestamp = time.monotonic_ns()
-        check_int(timestamp, "timestamp", -(2**63))
+        else:
+            check_int(timestamp, "timestamp", -(2**63), 2**63 - 1)
         self._check_open()
         slot = frame._token
         if frame._owner is not self or not isinstance(slot, _Slot) or frame.released:
@@ -748,15 +764,16 @@ class Publisher:
         slot = sent.slot
         slot.holders.add(_NOBODY)  # not free while this send runs
         try:
-            for peer in list(self._peers):
+            for peer in tuple(self._peers):
+                if peer.inflight < peer.queue and not peer.gone:
+                    self._transmit(peer, sent)  # room: the usual case
+                    continue
                 while (
                     peer.overflow == "block"
                     and peer.inflight >= peer.queue
                     and not peer.gone
                 ):
-                    if peer.credit is None:
-                        peer.credit = anyio.Event()
-                    await peer.credit.wait()
+                    await peer.credit.park()
                 self._offer(peer, sent)
         finally:
             slot.holders.discard(_NOBODY)
@@ -780,6 +797,26 @@ class Publisher:
 
     def _transmit(self, peer: _Peer, sent: _Sent) -> None:
         slot = sent.slot
+        fence = sent.fence
+        try:
+            if slot.id in peer.known and (fence is None or fence.signaled):
+                # The usual frame: no fds, the same bytes for every subscriber.
+                plain = sent.plain
+                if plain is None:
+                    plain = sent.plain = sent.encode(0)
+                peer.transport.send_nowait(plain)
+            else:
+                self._transmit_fds(peer, sent)
+        except (*_GONE, Busy):
+            self._disconnect(peer)
+            return
+        peer.inflight += 1
+        peer.frames[sent.seq] = sent
+        slot.holders.add(peer)
+
+    def _transmit_fds(self, peer: _Peer, sent: _Sent) -> None:
+        """Send a frame with its buffer's fd (the first time) or its fence's."""
+        slot = sent.slot
         fds: list[int] = []
         flags = 0
         try:
@@ -789,19 +826,10 @@ class Publisher:
             if sent.fence is not None and not sent.fence.signaled:
                 fds.append(sent.fence.export_fd())
                 flags |= _wire.HAS_FENCE
-            message = _wire.FrameMessage(
-                slot.id, flags, sent.seq, sent.timestamp, sent.metadata
-            )
-            peer.transport.send_nowait(message.encode(), fds)
-        except (*_GONE, Busy):
-            self._disconnect(peer)
-            return
+            peer.transport.send_nowait(sent.encode(flags), fds)
         finally:
             _close_fds(fds)
         peer.known.add(slot.id)
-        peer.inflight += 1
-        peer.frames[sent.seq] = sent
-        slot.holders.add(peer)
 
     # -- what is going on ---------------------------------------------------------
 

@@ -13,7 +13,6 @@ shareable memory. A publisher that breaks the protocol is disconnected and
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 from collections.abc import Iterable
@@ -224,27 +223,28 @@ class Subscriber(anyio.abc.ObjectReceiveStream[Frame]):
             _close_fds(fds)
 
     def _frame(self, data: bytes, fds: list[int]) -> Frame:
-        message = _wire.decode(data, len(fds))
-        if not isinstance(message, _wire.FrameMessage):
+        fields = _wire.decode_frame(data, len(fds))
+        if fields is None:  # not a FRAME: decode() says what it is
+            message = _wire.decode(data, len(fds))
             raise _wire.ProtocolError(f"the publisher sent {type(message).__name__}")
-        ident = message.buffer
+        ident, flags, seq, timestamp, metadata = fields
         if ident >= self._welcome.buffers:
             raise _wire.ProtocolError(
                 f"a frame in buffer {ident} of a stream of {self._welcome.buffers}"
             )
-        if message.seq <= self._last:
-            raise _wire.ProtocolError(f"frame {message.seq} after frame {self._last}")
+        if seq <= self._last:
+            raise _wire.ProtocolError(f"frame {seq} after frame {self._last}")
         if ident in self._busy:
             raise _wire.ProtocolError(f"buffer {ident} sent again before its release")
-        if message.flags & _wire.HAS_BUFFER:
-            if ident in self._buffers:
+        buf = self._buffers.get(ident)
+        if flags & _wire.HAS_BUFFER:
+            if buf is not None:
                 raise _wire.ProtocolError(f"buffer {ident}'s fd sent twice")
             buf = self._import(fds[0])
             self._buffers[ident] = buf
-        elif ident not in self._buffers:
+        elif buf is None:
             raise _wire.ProtocolError(f"a frame in buffer {ident}, whose fd never came")
-        buf = self._buffers[ident]
-        if message.flags & _wire.HAS_FENCE:
+        if flags & _wire.HAS_FENCE:
             try:
                 fence = Fence.import_fd(fds[-1])
             except DmaBufError as exc:
@@ -253,20 +253,12 @@ class Subscriber(anyio.abc.ObjectReceiveStream[Frame]):
                 ) from None
             buf.resv.add_fence(fence, Usage.WRITE)
         if self._last >= 0:
-            self._dropped += message.seq - self._last - 1
-        self._last = message.seq
+            self._dropped += seq - self._last - 1
+        self._last = seq
         self._received += 1
         self._credits += 1
-        frame = Frame(
-            buf,
-            self._welcome.layout,
-            message.seq,
-            message.timestamp,
-            message.metadata,
-            self,
-            ident,
-        )
-        self._held[message.seq] = frame
+        frame = Frame(buf, self._welcome.layout, seq, timestamp, metadata, self, ident)
+        self._held[seq] = frame
         self._busy.add(ident)
         return frame
 
@@ -293,29 +285,32 @@ class Subscriber(anyio.abc.ObjectReceiveStream[Frame]):
 
     # -- giving back --------------------------------------------------------------
 
-    def _send(self, message: bytes, fds: list[int]) -> None:
+    def _send(self, message: bytes, fds: list[int] | tuple[()] = ()) -> None:
         if self._closed or self._failed:
             return
-        with contextlib.suppress(*_GONE):  # the publisher has gone
+        try:
             self._transport.send_nowait(message, fds)
+        except _GONE:  # the publisher has gone: nobody to tell
+            return
 
     def _flush_credits(self) -> None:
         if self._credits:
             credits, self._credits = self._credits, 0
-            self._send(_wire.Credit(credits).encode(), [])
+            self._send(_wire.Credit(credits).encode())
 
     def _release_frame(self, frame: Frame, fence: Fence | None) -> None:
-        self._held.pop(frame.seq, None)
+        seq = frame._seq
+        self._held.pop(seq, None)
         ident = frame._token
         assert isinstance(ident, int)
         self._busy.discard(ident)
-        fds = []
+        credits, self._credits = self._credits, 0
+        if fence is None or fence.signaled:
+            self._send(_wire.encode_release(ident, False, seq, credits))
+            return
+        fds = [fence.export_fd()]
         try:
-            if fence is not None and not fence.signaled:
-                fds.append(fence.export_fd())
-            credits, self._credits = self._credits, 0
-            message = _wire.Release(ident, bool(fds), frame.seq, credits)
-            self._send(message.encode(), fds)
+            self._send(_wire.encode_release(ident, True, seq, credits), fds)
         finally:
             _close_fds(fds)
 

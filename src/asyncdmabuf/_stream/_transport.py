@@ -8,7 +8,7 @@ hosts would carry the same messages and replace fds with its own handles.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -69,6 +69,20 @@ class Transport(Protocol):
             anyio.BrokenResourceError: It broke, or closed in mid-message.
             InvalidArgument: The peer broke the framing (a message too long,
                 too many fds); every fd that came is closed.
+        """
+        ...
+
+    async def serve(self, handle: Callable[[bytes, list[int]], None]) -> None:
+        """Hand every message and its fds to ``handle`` as it arrives (a checkpoint).
+
+        ``handle`` is a plain function; it owns the fds. It may run outside
+        any task (in the event loop's I/O callback, say), so it must not
+        wait. What it raises ends the serving and is raised here. Returns
+        only by raising.
+
+        Raises:
+            anyio.EndOfStream: The peer closed the connection between messages.
+            The errors of :meth:`receive` and of ``handle`` otherwise.
         """
         ...
 

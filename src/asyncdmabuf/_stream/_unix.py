@@ -6,30 +6,41 @@ carries fds with those of a later one in the same read, so the fds that come
 with a read belong to the message its last byte is part of. A peer that sends
 a longer message than allowed, or more fds than fit, breaks the framing: the
 transport reports :class:`InvalidArgument` and closes every fd it got.
+
+On asyncio (and uvloop) the socket is watched by one reader callback for the
+transport's life (``loop.add_reader`` once, not once per wait: each
+registration costs the loop system calls), which reads what arrives: for
+:meth:`UnixTransport.serve` it hands each message to the handler there and
+then, with no task to wake; for :meth:`UnixTransport.receive` it wakes the
+waiting task. Anywhere else (trio) a task waits with ``anyio.wait_readable``.
+Either way a socket is read once per readiness: no read that finds nothing.
 """
 
 from __future__ import annotations
 
 import array
+import asyncio
 import contextlib
 import errno
 import os
 import socket
 import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from .._backends import native_checkpoint
+from .._backends import native_checkpoint, native_checkpoint_if_cancelled
 from .._errors import Busy, InvalidArgument, from_oserror
 from ._transport import MAX_FDS, MAX_MESSAGE, PeerCredentials
 
 __all__ = ["UnixListener", "UnixTransport", "connect", "listen", "socket_address"]
 
 _LENGTH = struct.Struct("<I")
+_HEAD = _LENGTH.size
+_unpack_length = _LENGTH.unpack_from
 _PEERCRED = struct.Struct("3i")
 _FD = array.array("i").itemsize
 #: Room for this many fds in each read: enough to see a peer sending too many.
@@ -44,6 +55,12 @@ _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
 #: Unsent bytes a transport queues before send_nowait refuses.
 MAX_BACKLOG = 1 << 20
+#: The most messages handed to a serve() handler at once (then the loop runs);
+#: and the most a reader callback reads ahead for receive() before pausing.
+_BATCH = 64
+
+#: What serve() hands each message to: (message, fds); it owns the fds.
+Handler = Callable[[bytes, list[int]], None]
 
 
 def socket_address(path: str) -> str:
@@ -73,9 +90,15 @@ class UnixTransport:
         "_buffer",
         "_checkpoint",
         "_closed",
+        "_done",
         "_drained",
         "_eof",
+        "_error",
+        "_fd",
+        "_handler",
         "_held",
+        "_if_cancelled",
+        "_loop",
         "_out",
         "_out_bytes",
         "_peer",
@@ -84,6 +107,8 @@ class UnixTransport:
         "_send_lock",
         "_sock",
         "_stream",
+        "_waiter",
+        "_watching",
     )
 
     def __init__(self, stream: anyio.abc.UNIXSocketStream) -> None:
@@ -112,6 +137,19 @@ class UnixTransport:
         self._drained = False
         #: The backend's own checkpoint, looked up once (the per-message path).
         self._checkpoint = native_checkpoint()
+        self._if_cancelled = native_checkpoint_if_cancelled()
+        self._fd = self._sock.fileno()
+        #: The asyncio loop whose reader callback watches the socket (None:
+        #: not asyncio, or a loop without add_reader: anyio.wait_readable).
+        self._loop: asyncio.AbstractEventLoop | None = asyncio_loop()
+        self._watching = False
+        #: The task waiting in receive() (woken by the reader callback).
+        self._waiter: asyncio.Future[None] | None = None
+        #: serve()'s handler and the future its task waits on (asyncio).
+        self._handler: Handler | None = None
+        self._done: asyncio.Future[None] | None = None
+        #: What the reader callback's read raised, for the next receive().
+        self._error: BaseException | None = None
 
     @property
     def peer(self) -> PeerCredentials:
@@ -141,10 +179,11 @@ class UnixTransport:
         self._check_open()
         if self._out_bytes > MAX_BACKLOG:
             raise Busy("the peer is not reading: too many messages wait to be sent")
-        data = memoryview(_LENGTH.pack(len(message)) + message)
+        framed = _LENGTH.pack(len(message)) + message
+        data = memoryview(framed)
         if not self._out:
-            sent = self._sendmsg(data, fds)
-            if sent == len(data):
+            sent = self._sendmsg(framed, fds)
+            if sent == len(framed):
                 return
             data = data[sent:]
             fds = () if sent else fds
@@ -158,7 +197,7 @@ class UnixTransport:
         self._out.append((data, copies))
         self._out_bytes += len(data)
 
-    def _sendmsg(self, data: memoryview, fds: Sequence[int]) -> int:
+    def _sendmsg(self, data: bytes | memoryview, fds: Sequence[int]) -> int:
         """Send what the socket takes now; return how many bytes went."""
         try:
             if fds:
@@ -213,7 +252,7 @@ class UnixTransport:
         there to be raised. Errors of the read itself are raised now.
         """
         while not self._ready:
-            if self._closed or self._eof or self._broken is not None:
+            if self._closed or self._eof or self._broken or self._error:
                 return True
             if not self._read():
                 self._drained = True
@@ -223,6 +262,7 @@ class UnixTransport:
     def receive_nowait(self) -> tuple[bytes, list[int]]:
         """Return the next message if a whole one has arrived."""
         while not self._ready:
+            self._raise_error()
             self._check_readable()
             if self._eof:
                 self._end()
@@ -237,8 +277,9 @@ class UnixTransport:
         if waited:
             await self._checkpoint()  # nothing taken yet: one yield
         else:
-            await anyio.lowlevel.checkpoint_if_cancelled()
+            await self._if_cancelled()
         while not self._ready:
+            self._raise_error()
             self._check_readable()
             if self._eof:
                 self._end()
@@ -246,7 +287,10 @@ class UnixTransport:
             # that would fail again is saved.
             if self._drained or not self._read():
                 self._drained = False
-                await anyio.wait_readable(self._sock)
+                if self._loop is None:
+                    await anyio.wait_readable(self._sock)
+                else:
+                    await self._wait_watched()
                 waited = True
         if not waited:
             await anyio.lowlevel.cancel_shielded_checkpoint()
@@ -254,6 +298,137 @@ class UnixTransport:
                 self._check_readable()
                 return await self.receive()
         return self._ready.popleft()
+
+    async def _wait_watched(self) -> None:
+        """Wait until the reader callback has read something (asyncio)."""
+        assert self._loop is not None
+        waiter = self._loop.create_future()
+        self._waiter = waiter
+        self._watch()
+        try:
+            await waiter
+        finally:
+            if self._waiter is waiter:
+                self._waiter = None
+
+    async def serve(self, handle: Handler) -> None:
+        """Hand every message to ``handle(message, fds)`` as it arrives.
+
+        ``handle`` is a plain function that owns the fds; what it raises ends
+        the serving and is raised here. On asyncio it runs in the loop's
+        reader callback, as soon as a read brings a message, with no task to
+        wake. A checkpoint; it returns only by raising.
+
+        Raises:
+            anyio.EndOfStream: The peer closed between messages.
+            The errors of :meth:`receive` and of ``handle`` otherwise.
+        """
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        if self._handler is not None or self._waiter is not None:
+            raise anyio.BusyResourceError("receiving from")
+        if self._loop is None:
+            await self._serve_waiting(handle)
+            return
+        done = self._done = self._loop.create_future()
+        self._handler = handle
+        try:
+            self._serve_ready()  # what came before
+            if not done.done():
+                self._watch()
+            await done
+        finally:
+            self._handler = self._done = None
+            self._unwatch()
+
+    async def _serve_waiting(self, handle: Handler) -> None:
+        """serve() with a task that waits for the socket (trio)."""
+        while True:
+            count = 0
+            while self._ready:
+                if count == _BATCH:  # a bounded batch between two checkpoints
+                    await self._checkpoint()
+                    count = 0
+                    continue
+                handle(*self._ready.popleft())
+                count += 1
+            self._check_readable()
+            if self._eof:
+                self._end()
+            await anyio.wait_readable(self._sock)
+            self._read()
+
+    def _serve_ready(self) -> None:
+        """Hand a batch of what has arrived to serve()'s handler (asyncio)."""
+        ready = self._ready
+        handle = self._handler
+        for _ in range(_BATCH):
+            if not ready or self._handler is None:
+                break
+            assert handle is not None
+            handle(*ready.popleft())
+        else:
+            if ready and self._handler is not None:  # more: let the loop run first
+                assert self._loop is not None
+                self._unwatch()
+                self._loop.call_soon(self._serve_more)
+                return
+        self._check_readable()
+        if self._eof:
+            self._end()
+
+    def _serve_more(self) -> None:
+        if self._handler is None:
+            return
+        try:
+            self._serve_ready()
+            if not self._ready:
+                self._watch()
+        except Exception as exc:
+            self._stop_serving(exc)
+
+    def _stop_serving(self, exc: BaseException) -> None:
+        self._unwatch()
+        done = self._done
+        if done is not None and not done.done():
+            done.set_exception(exc)
+
+    def _watch(self) -> None:
+        if not self._watching and not self._closed:
+            assert self._loop is not None
+            self._loop.add_reader(self._fd, self._on_readable)
+            self._watching = True
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            self._watching = False
+            assert self._loop is not None
+            self._loop.remove_reader(self._fd)
+
+    def _on_readable(self) -> None:
+        """The loop saw the socket readable: read once, then hand it on."""
+        if self._handler is not None:
+            try:
+                if self._read():
+                    self._serve_ready()
+            except Exception as exc:
+                self._stop_serving(exc)
+            return
+        try:
+            if not self._read():
+                return
+        except Exception as exc:  # for the receive() that comes next
+            self._error = exc
+        if self._eof or self._error or self._broken or len(self._ready) >= _BATCH:
+            self._unwatch()  # nothing more to read for now: not at every turn
+        if self._ready or self._eof or self._error or self._broken:
+            waiter, self._waiter = self._waiter, None
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    def _raise_error(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
     def _end(self) -> None:
         if self._buffer or self._held:
@@ -291,35 +466,40 @@ class UnixTransport:
             return True
         try:
             _check_read(data, fds, flags)
-            self._buffer += data
-            self._split(fds)
+            self._split(data, fds)
         except BaseException:
             _close_all(fds)
             self._fail()
             raise
         return True
 
-    def _split(self, fds: list[int]) -> None:
-        """Cut whole messages off the buffer; ``fds`` go with the last one touched."""
+    def _split(self, data: bytes, fds: list[int]) -> None:
+        """Cut whole messages off what came; ``fds`` go with the last one touched."""
         buffer = self._buffer
+        if buffer:  # the start of a message came with an earlier read
+            buffer += data
+            data = bytes(buffer)
+            buffer.clear()
+        size = len(data)
         pos = 0
-        while True:
-            if len(buffer) - pos < _LENGTH.size:
-                break
-            (length,) = _LENGTH.unpack_from(buffer, pos)
+        ready = self._ready
+        while size - pos >= _HEAD:
+            (length,) = _unpack_length(data, pos)
             if length > MAX_MESSAGE:
                 raise InvalidArgument(f"a message of {length} bytes is too long")
-            end = pos + _LENGTH.size + length
-            if end > len(buffer):
+            start = pos + _HEAD
+            end = start + length
+            if end > size:
                 break
             mine = self._held
             self._held = []
-            if end == len(buffer):
+            if end == size:
                 mine += fds
                 fds = []
-            self._ready.append((bytes(buffer[pos + _LENGTH.size : end]), mine))
+            ready.append((data[start:end], mine))
             pos = end
-        del buffer[:pos]
+        if pos < size:
+            buffer += data[pos:]
         self._held += fds
         if len(self._held) > MAX_FDS:
             raise InvalidArgument("too many fds for one message")
@@ -343,6 +523,11 @@ class UnixTransport:
         while self._out:
             _close_all(self._out.popleft()[1])
         self._out_bytes = 0
+        self._unwatch()
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)  # it finds the transport closed
+        self._stop_serving(anyio.ClosedResourceError())
         anyio.notify_closing(self._sock)  # wakes a task waiting on it, on any loop
         self._sock.close()
 
@@ -352,6 +537,14 @@ class UnixTransport:
         with anyio.CancelScope(shield=True):
             await self._stream.aclose()
         await anyio.lowlevel.checkpoint()
+
+
+def asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """Return the running asyncio loop if it can watch a socket, else None."""
+    loop = asyncio._get_running_loop()
+    if loop is None or not hasattr(loop, "add_reader"):
+        return None
+    return loop
 
 
 def _check_read(data: bytes, fds: list[int], flags: int) -> None:

@@ -116,17 +116,8 @@ class FrameMessage:
     metadata: bytes
 
     def encode(self) -> bytes:
-        return (
-            _FRAME.pack(
-                VERSION,
-                FRAME,
-                self.buffer,
-                self.flags,
-                self.seq,
-                self.timestamp,
-                len(self.metadata),
-            )
-            + self.metadata
+        return encode_frame(
+            self.buffer, self.flags, self.seq, self.timestamp, self.metadata
         )
 
     @property
@@ -142,10 +133,7 @@ class Release:
     credits: int
 
     def encode(self) -> bytes:
-        flags = HAS_FENCE if self.fence else 0
-        return _RELEASE.pack(
-            VERSION, RELEASE, self.buffer, flags, self.seq, self.credits
-        )
+        return encode_release(self.buffer, self.fence, self.seq, self.credits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +145,64 @@ class Credit:
 
 
 Message = Subscribe | Welcome | FrameMessage | Release | Credit
+
+
+def encode_frame(
+    buffer: int, flags: int, seq: int, timestamp: int, metadata: bytes
+) -> bytes:
+    """Return a FRAME message (what :meth:`FrameMessage.encode` returns)."""
+    head = _FRAME.pack(VERSION, FRAME, buffer, flags, seq, timestamp, len(metadata))
+    return head + metadata if metadata else head
+
+
+def decode_frame(data: bytes, nfds: int) -> tuple[int, int, int, int, bytes] | None:
+    """Return a FRAME's ``(buffer, flags, seq, timestamp, metadata)``; None if not one.
+
+    The per-frame path: no message object. Checked as :func:`decode` does.
+
+    Raises:
+        ProtocolError: A FRAME that is not valid, or not with its fds.
+    """
+    if len(data) < 2 or data[1] != FRAME or data[0] != VERSION:
+        return None
+    if len(data) < _FRAME.size:
+        raise ProtocolError(f"a FRAME message of {len(data)} bytes")
+    _, _, buffer, flags, seq, ts, length = _FRAME.unpack_from(data)
+    if flags & ~(HAS_BUFFER | HAS_FENCE) or length > MAX_METADATA:
+        raise ProtocolError(f"FRAME flags {flags:#x}, metadata of {length} bytes")
+    if len(data) != _FRAME.size + length:
+        raise ProtocolError("a FRAME's metadata does not match its length")
+    expected = (flags & HAS_BUFFER) + (flags >> 1)
+    if nfds != expected:
+        raise ProtocolError(f"a message that carries {expected} fds came with {nfds}")
+    return buffer, flags, seq, ts, data[_FRAME.size :] if length else b""
+
+
+def encode_release(buffer: int, fence: bool, seq: int, credits: int) -> bytes:
+    """Return a RELEASE message (what :meth:`Release.encode` returns)."""
+    flags = HAS_FENCE if fence else 0
+    return _RELEASE.pack(VERSION, RELEASE, buffer, flags, seq, credits)
+
+
+def decode_release(data: bytes, nfds: int) -> tuple[int, bool, int, int] | None:
+    """Return a RELEASE's ``(buffer, fence, seq, credits)``; None if not one.
+
+    The per-frame path: no message object. Checked as :func:`decode` does.
+
+    Raises:
+        ProtocolError: A RELEASE that is not valid, or not with its fds.
+    """
+    if len(data) != _RELEASE.size or data[1] != RELEASE:
+        return None
+    version, _, buffer, flags, seq, credits = _RELEASE.unpack(data)
+    if version != VERSION:
+        return None  # decode() says why
+    if flags & ~HAS_FENCE:
+        raise ProtocolError(f"RELEASE flags {flags:#x}")
+    expected = 1 if flags else 0
+    if nfds != expected:
+        raise ProtocolError(f"a message that carries {expected} fds came with {nfds}")
+    return buffer, bool(flags), seq, credits
 
 
 def _exact(data: bytes, record: struct.Struct, what: str) -> tuple[int, ...]:
@@ -187,21 +233,14 @@ def decode(data: bytes, nfds: int) -> Message:
     elif kind == WELCOME:
         message = _decode_welcome(data)
     elif kind == FRAME:
-        if len(data) < _FRAME.size:
-            raise ProtocolError(f"a FRAME message of {len(data)} bytes")
-        _, _, buffer, flags, seq, ts, length = _FRAME.unpack_from(data)
-        if flags & ~(HAS_BUFFER | HAS_FENCE) or length > MAX_METADATA:
-            raise ProtocolError(f"FRAME flags {flags:#x}, metadata of {length} bytes")
-        if len(data) != _FRAME.size + length:
-            raise ProtocolError("a FRAME's metadata does not match its length")
-        message = FrameMessage(buffer, flags, seq, ts, data[_FRAME.size :])
-        expected = message.fds
+        frame = decode_frame(data, nfds)
+        assert frame is not None
+        return FrameMessage(*frame)
     elif kind == RELEASE:
-        _, _, buffer, flags, seq, credits = _exact(data, _RELEASE, "RELEASE")
-        if flags & ~HAS_FENCE:
-            raise ProtocolError(f"RELEASE flags {flags:#x}")
-        message = Release(buffer, bool(flags), seq, credits)
-        expected = int(message.fence)
+        _exact(data, _RELEASE, "RELEASE")
+        release = decode_release(data, nfds)
+        assert release is not None
+        return Release(*release)
     elif kind == CREDIT:
         (_, _, credits) = _exact(data, _CREDIT, "CREDIT")
         message = Credit(credits)
