@@ -43,6 +43,16 @@ MoveNotify = Callable[["Attachment"], object]
 
 
 @final
+class _Queued:
+    """What :meth:`Attachment._unmap_now` returns when the lock is contended."""
+
+    __slots__ = ()
+
+
+_QUEUED = _Queued()
+
+
+@final
 class Attachment:
     """One device's use of one buffer: ``struct dma_buf_attachment``.
 
@@ -233,8 +243,10 @@ class Attachment:
                 f"not a fresh {direction.name} table for {self!r}"
             )
         entries = sgt._entries
-        if entries is not self._checked:
-            check_entries(entries, self._buffer.size, self._device)
+        checked = self._checked
+        if entries is not checked:
+            if not _same_entries(entries, checked):
+                check_entries(entries, self._buffer.size, self._device)
             self._checked = entries
         if mapped is None:
             self._mapped = sgt
@@ -267,11 +279,20 @@ class Attachment:
                 unmapped), or belongs to another attachment.
         """
         lock = self._buffer._lock
-        pending = self._unmap(sgt)
-        if pending is None:
+        result = self._unmap_now(sgt)
+        if result is None:
             await lock.checkpoint()
+        elif type(result) is _Queued:  # _unmap_queued inline: the contended hot path
+            await lock.wait_turn(shielded=True)
+            try:
+                result = self._unmap_checked(sgt)
+                if result is not None:
+                    await run_undo(result)
+            finally:
+                lock.release()
+            await lock.checkpoint_if_cancelled()  # it waited: others ran
         else:
-            await lock.finish(await pending)
+            await lock.finish(await self._unmap_async(result))
 
     def _unmap(self, sgt: SgTable) -> Awaitable[bool] | None:
         """:meth:`unmap` without the final checkpoint (also for ``__aexit__``).
@@ -281,21 +302,43 @@ class Attachment:
             ``unmap`` plain); otherwise what completes it, which returns
             whether it waited for the lock.
         """
+        result = self._unmap_now(sgt)
+        if result is None:
+            return None
+        if type(result) is _Queued:
+            return self._unmap_queued(sgt)
+        return self._unmap_async(result)
+
+    def _unmap_now(self, sgt: SgTable) -> Awaitable[None] | _Queued | None:
+        """Check ``sgt``; unmap it now unless the lock is contended.
+
+        Returns:
+            ``_QUEUED`` when the lock is contended (nothing done yet); else
+            what the exporter's ``unmap`` returned (None: done).
+        """
         if type(sgt) is not SgTable:
             raise TypeError(f"unmap() needs an SgTable, not {type(sgt).__name__}")
-        if self._mapped is not sgt:  # the common case of one table is inline
-            self._check_mapped(sgt)
-        buf = self._buffer
-        if buf._lock.contended():
-            return self._unmap_queued(sgt)
-        if self._mapped is sgt:
+        if self._buffer._lock.contended():
+            mapped = self._mapped  # checked now, and again once it is our turn
+            if mapped is not sgt and not (type(mapped) is dict and sgt in mapped):
+                self._check_mapped(sgt)  # raises
+            return _QUEUED
+        return self._unmap_checked(sgt)
+
+    def _unmap_checked(self, sgt: SgTable) -> Awaitable[None] | None:
+        """Check that ``sgt`` is mapped, forget it, call the exporter's ``unmap``.
+
+        Raises:
+            InvalidArgument: ``sgt`` is not one of this attachment's mappings.
+        """
+        mapped = self._mapped
+        if mapped is sgt:  # the common case of one table
             self._mapped = None
+        elif type(mapped) is dict and sgt in mapped:
+            del mapped[sgt]
         else:
-            self._forget(sgt)
-        result = buf._exporter.unmap(self, sgt, sgt._direction)
-        if result is None:
-            return None  # a plain unmap: done, nobody ran meanwhile
-        return self._unmap_async(result)
+            self._check_mapped(sgt)  # raises
+        return self._buffer._exporter.unmap(self, sgt, sgt._direction)
 
     async def _unmap_async(self, result: Awaitable[None]) -> bool:
         """Complete an exporter's ``unmap`` that is a coroutine, holding the lock.
@@ -314,13 +357,12 @@ class Attachment:
 
     async def _unmap_queued(self, sgt: SgTable) -> bool:
         """Unmap once the contended lock is this task's (shielded wait)."""
-        buf = self._buffer
-        lock = buf._lock
+        lock = self._buffer._lock
         await lock.wait_turn(shielded=True)
         try:
-            self._check_mapped(sgt)
-            self._forget(sgt)
-            await run_undo(buf._exporter.unmap(self, sgt, sgt._direction))
+            result = self._unmap_checked(sgt)  # another task may have unmapped it
+            if result is not None:
+                await run_undo(result)
         finally:
             lock.release()
         return True
@@ -415,6 +457,22 @@ class Attachment:
         except Exception as exc:
             errors.append(exc)
         return done
+
+
+def _same_entries(
+    entries: tuple[SgEntry, ...], checked: tuple[SgEntry, ...] | None
+) -> bool:
+    """Whether ``entries`` equal the entries checked last, entry for entry.
+
+    An exporter that builds a fresh table of the same layout on every map
+    then pays for one comparison, not for the whole check.
+    """
+    if entries != checked:
+        return False
+    for entry in entries:  # noqa: SIM110 (a loop is faster than all() here)
+        if type(entry) is not SgEntry:  # a plain tuple compares equal too
+            return False
+    return True
 
 
 def unmap_if_mapped(sgt: SgTable) -> Awaitable[object] | None:
