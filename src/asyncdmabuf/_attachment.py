@@ -24,7 +24,7 @@ import anyio
 
 from ._device import Device
 from ._errors import Busy, DmaBufError, InvalidArgument
-from ._operation import Operation
+from ._operation import Operation, Prelude
 from ._sgtable import SgEntry, SgTable, check_entries
 from ._types import Direction
 from ._undo import run_undo, run_undo_sync
@@ -166,16 +166,19 @@ class Attachment:
             direction = check_direction(direction)
         if not self._attached:  # a released buffer has detached it too
             self._check_usable()  # raises
-        coro = self._map(direction)
         if not interruptible:
-            coro = _shielded(coro)
-        return Operation(coro, unmap_if_mapped)
+            return Operation(_shielded(self._map(direction)), unmap_if_mapped)
+        # Deferred: a free lock's checkpoint is passed before _map starts.
+        return Operation(
+            None, unmap_if_mapped, Attachment._map, _map_prelude, self, direction
+        )
 
-    async def _map(self, direction: Direction) -> SgTable:
+    async def _map(self, direction: Direction, checkpointed: bool = False) -> SgTable:
+        """Map; with ``checkpointed``, a checkpoint has just been passed."""
         buf = self._buffer
         lock = buf._lock
         held = lock.contended()
-        if not held:
+        if not held and not checkpointed:
             await lock.checkpoint()
             held = lock.contended()  # another task may have taken it meanwhile
         if held:
@@ -473,6 +476,18 @@ def _same_entries(
         if type(entry) is not SgEntry:  # a plain tuple compares equal too
             return False
     return True
+
+
+def _map_prelude(att: Attachment) -> Prelude | None:
+    """What a map passes before it starts: a free lock's checkpoint, or nothing.
+
+    A contended lock is queued for at once instead (the wait is the
+    checkpoint).
+    """
+    lock = att._buffer._lock
+    if lock.contended():
+        return None
+    return lock.checkpoint()  # type: ignore[return-value]  # a generator or coroutine
 
 
 def unmap_if_mapped(sgt: SgTable) -> Awaitable[object] | None:
