@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any, TypeVar, final
 
 import anyio
 
+from ._backends import ASYNCIO_CHECKPOINT
 from ._device import Device
 from ._errors import Busy, DmaBufError, InvalidArgument
-from ._operation import Operation, Prelude
+from ._operation import BARE_YIELD, BareYield, Operation, Prelude
 from ._sgtable import SgEntry, SgTable, check_entries
 from ._types import Direction
 from ._undo import run_undo, run_undo_sync
@@ -321,11 +322,15 @@ class Attachment:
         """
         if type(sgt) is not SgTable:
             raise TypeError(f"unmap() needs an SgTable, not {type(sgt).__name__}")
-        if self._buffer._lock.contended():
+        buf = self._buffer
+        if buf._lock.contended():
             mapped = self._mapped  # checked now, and again once it is our turn
             if mapped is not sgt and not (type(mapped) is dict and sgt in mapped):
                 self._check_mapped(sgt)  # raises
             return _QUEUED
+        if self._mapped is sgt:  # _unmap_checked's common case, inline
+            self._mapped = None
+            return buf._exporter.unmap(self, sgt, sgt._direction)
         return self._unmap_checked(sgt)
 
     def _unmap_checked(self, sgt: SgTable) -> Awaitable[None] | None:
@@ -478,7 +483,7 @@ def _same_entries(
     return True
 
 
-def _map_prelude(att: Attachment) -> Prelude | None:
+def _map_prelude(att: Attachment) -> Prelude | BareYield | None:
     """What a map passes before it starts: a free lock's checkpoint, or nothing.
 
     A contended lock is queued for at once instead (the wait is the
@@ -487,7 +492,10 @@ def _map_prelude(att: Attachment) -> Prelude | None:
     lock = att._buffer._lock
     if lock.contended():
         return None
-    return lock.checkpoint()  # type: ignore[return-value]  # a generator or coroutine
+    checkpoint = lock.checkpoint
+    if checkpoint is ASYNCIO_CHECKPOINT:
+        return BARE_YIELD
+    return checkpoint()  # type: ignore[return-value]  # trio's: a coroutine
 
 
 def unmap_if_mapped(sgt: SgTable) -> Awaitable[object] | None:

@@ -20,6 +20,7 @@ import anyio
 import anyio.lowlevel
 
 __all__ = [
+    "ASYNCIO_CHECKPOINT",
     "BACKENDS",
     "Backend",
     "anyio_redelivers",
@@ -80,6 +81,12 @@ def _asyncio_checkpoint() -> Generator[None, None, None]:
     # What asyncio.sleep(0) (anyio's asyncio checkpoint) does, one bare yield
     # to the loop, without the two calls it takes to get there.
     yield
+
+
+#: asyncio's checkpoint, as :func:`native_checkpoint` gives it: one bare yield.
+#: Code that drives an await itself (a generator) may yield None in its place
+#: and make no generator for it.
+ASYNCIO_CHECKPOINT: Callable[[], Awaitable[None]] = _asyncio_checkpoint
 
 
 def native_checkpoint() -> Callable[[], Awaitable[None]]:

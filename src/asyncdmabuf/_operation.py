@@ -13,18 +13,30 @@ cancelled scope, and the cancellation surfaces at the next checkpoint.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from types import TracebackType
 from typing import Any, TypeVar, final
 
-__all__ = ["Operation"]
+__all__ = ["BARE_YIELD", "BareYield", "Operation", "Prelude"]
 
 T = TypeVar("T")
 
 
 #: What an operation may pass before its coroutine starts: a checkpoint (a
-#: generator on asyncio, a coroutine on trio), stepped directly.
+#: coroutine on trio), stepped directly, or :data:`BARE_YIELD`.
 Prelude = Generator[Any, Any, None] | Coroutine[Any, Any, None]
+
+
+@final
+class BareYield:
+    """The prelude that is asyncio's checkpoint: one bare yield to the loop."""
+
+    __slots__ = ()
+
+
+#: A prelude of one bare yield (asyncio's checkpoint): nothing to step.
+BARE_YIELD = BareYield()
 
 
 @final
@@ -62,7 +74,7 @@ class Operation(Coroutine[Any, Any, T]):
         coro: Coroutine[Any, Any, T] | None,
         undo: Callable[[T], Awaitable[object] | None],
         make: Callable[[Any, Any, bool], Coroutine[Any, Any, T]] | None = None,
-        prelude: Callable[[Any], Prelude | None] | None = None,
+        prelude: Callable[[Any], Prelude | BareYield | None] | None = None,
         target: object = None,
         arg: object = None,
     ) -> None:
@@ -89,7 +101,10 @@ class Operation(Coroutine[Any, Any, T]):
     def _begin(self) -> Prelude | None:
         """Start a deferred operation's prelude; None if it has none now."""
         prelude = self._prelude
-        pre = self._pre = prelude(self._target) if prelude is not None else None
+        pre = prelude(self._target) if prelude is not None else None
+        if type(pre) is BareYield:  # stepped by hand: a generator's yield
+            pre = _bare_yield()
+        self._pre = pre
         return pre
 
     def _after_prelude(self) -> Any:
@@ -101,7 +116,7 @@ class Operation(Coroutine[Any, Any, T]):
 
     # -- the coroutine protocol, delegated -------------------------------------------
 
-    def send(self, value: Any) -> Any:
+    def send(self, value: Any = None) -> Any:
         """Resume the operation (the coroutine protocol)."""
         coro = self._c
         if coro is not None:
@@ -118,10 +133,16 @@ class Operation(Coroutine[Any, Any, T]):
         except BaseException:
             self._end()
             raise
-        return self._after_prelude()  # outside the handler: its result unchained
+        # _after_prelude, inline: the coroutine's StopIteration (the result)
+        # then crosses one Python frame, not three.
+        self._pre = None
+        make = self._make
+        assert make is not None
+        coro = self._c = make(self._target, self._arg, True)
+        return coro.send(None)
 
-    def __next__(self) -> Any:
-        return self.send(None)
+    #: Awaited, the operation is its own iterator (see :meth:`__await__`).
+    __next__ = send
 
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
         """Raise into the operation (the coroutine protocol)."""
@@ -161,9 +182,27 @@ class Operation(Coroutine[Any, Any, T]):
         self._coro.close()
 
     def __await__(self) -> Generator[Any, None, T]:
-        if self._c is None and self._pre is None and self._begin() is not None:
-            return self  # type: ignore[return-value]  # it steps its prelude
+        if self._c is None and self._pre is None:
+            prelude = self._prelude
+            if prelude is not None:
+                pre = prelude(self._target)
+                if type(pre) is BareYield:
+                    return self._yield_then_run()
+                if pre is not None:
+                    self._pre = pre
+                    return self  # type: ignore[return-value]  # it steps its prelude
         return self._coro.__await__()
+
+    def _yield_then_run(self) -> Generator[Any, None, T]:
+        """Awaiting with a bare-yield prelude: yield, then run the coroutine.
+
+        A plain generator, resumed by the loop at C speed; while it is
+        suspended only it and the operation are alive.
+        """
+        yield  # asyncio's checkpoint; a cancellation is raised here
+        assert self._make is not None
+        coro = self._c = self._make(self._target, self._arg, True)
+        return (yield from coro.__await__())
 
     def __repr__(self) -> str:
         coro = self._c if self._c is not None else self._make
@@ -186,3 +225,9 @@ class Operation(Coroutine[Any, Any, T]):
             pending = self._undo(result)  # None: undone already, without waiting
             if pending is not None:
                 await pending
+
+
+@types.coroutine
+def _bare_yield() -> Generator[None, None, None]:
+    """A bare-yield prelude, stepped by :meth:`Operation.send` (``create_task``)."""
+    yield
