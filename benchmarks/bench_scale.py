@@ -6,6 +6,9 @@
    map+unmap, on every backend (goal: at most 1.15x). The clock runs from
    the release of a start barrier (every task parked on it) until the last
    task is done, so each task's one wake-up is counted; spawning is not.
+   Reported beside it, without a goal: the same shape on two bare
+   ``anyio.Lock`` acquire/release pairs per op (what the loop itself does
+   with 10,000 tasks).
 2. Python memory per live memfd buffer, attachment and mapping
    (``tracemalloc``; goals: at most 512, 256 and 256 bytes), over as many
    buffers as the fd limit allows, up to 100,000 (each holds one fd).
@@ -200,27 +203,43 @@ async def scale_sides(tasks: int, buffers: int, ops: int) -> AsyncIterator[Sides
     device = dmabuf.Device("scale")
     bufs = [await exporter.allocate(4096) for _ in range(buffers)]
     atts = [await buf.attach(device) for buf in bufs]
+    locks = [anyio.Lock() for _ in range(buffers)]
 
-    async def per_op(tasks: int, ops: int) -> float:
+    async def worker(k: int, tasks: int, ops: int) -> None:
+        att = atts[k % len(atts)]
+        for j in range(ops):
+            if tasks == 1:
+                att = atts[j % len(atts)]
+            sgt = await att.map(Direction.TO_DEVICE)
+            await att.unmap(sgt)
+
+    async def bare_worker(k: int, tasks: int, ops: int) -> None:
+        lock = locks[k % len(locks)]  # map and unmap each take the lock once
+        for j in range(ops):
+            if tasks == 1:
+                lock = locks[j % len(locks)]
+            await lock.acquire()
+            lock.release()
+            await lock.acquire()
+            lock.release()
+
+    async def per_op(
+        tasks: int, ops: int, work: Callable[[int, int, int], Awaitable[None]] = worker
+    ) -> float:
         go = anyio.Event()
         ready = 0
         ended = 0.0
 
-        async def worker(k: int) -> None:
+        async def task(k: int) -> None:
             nonlocal ready, ended
-            att = atts[k % len(atts)]
             ready += 1
             await go.wait()
-            for j in range(ops):
-                if tasks == 1:
-                    att = atts[j % len(atts)]
-                sgt = await att.map(Direction.TO_DEVICE)
-                await att.unmap(sgt)
+            await work(k, tasks, ops)
             ended = time.perf_counter()
 
         async with anyio.create_task_group() as tg:
             for k in range(tasks):
-                tg.start_soon(worker, k)
+                tg.start_soon(task, k)
             while ready < tasks:
                 await anyio.lowlevel.checkpoint()
             start = time.perf_counter()
@@ -233,9 +252,21 @@ async def scale_sides(tasks: int, buffers: int, ops: int) -> AsyncIterator[Sides
     async def one() -> float:  # a per-op figure: fewer ops are as good
         return await per_op(1, min(tasks * ops, 10 * buffers))
 
+    async def bare_many() -> float:
+        return await per_op(tasks, ops, bare_worker)
+
+    async def bare_one() -> float:
+        return await per_op(1, min(tasks * ops, 10 * buffers), bare_worker)
+
     try:
         await per_op(1, buffers)  # warm up: every buffer mapped once
-        yield {f"{tasks:,} tasks": many, "1 task": one}
+        await per_op(1, buffers, bare_worker)
+        yield {
+            f"{tasks:,} tasks": many,
+            "1 task": one,
+            f"{tasks:,} tasks, 2x Lock": bare_many,
+            "1 task, 2x Lock": bare_one,
+        }
     finally:
         for att in atts:
             await att.detach()
@@ -289,6 +320,17 @@ def rows(quick: bool) -> list[Row]:
         )
         for label, figures in samples.items()
     ]
+    # For context, no goal: the same shape on bare anyio.Lock pairs, the share
+    # of the ratio that is the event loop's (and anyio's) own at 10,000 tasks.
+    result.extend(
+        compare(
+            "scale",
+            f"{label}: reference, 2x anyio.Lock pairs, {tasks:,} tasks vs 1 task",
+            figures[f"{tasks:,} tasks, 2x Lock"],
+            figures["1 task, 2x Lock"],
+        )
+        for label, figures in samples.items()
+    )
     memory = anyio.run(memfd_footprint, quick)
     n = memory.buffers
     for what, value in (
