@@ -6,6 +6,9 @@
    map+unmap, on every backend (goal: at most 1.15x). The clock runs from
    the release of a start barrier (every task parked on it) until the last
    task is done, so each task's one wake-up is counted; spawning is not.
+   Reported beside it, without a goal: the same shape on two bare
+   ``anyio.Lock`` acquire/release pairs per op (what the loop itself does
+   with 10,000 tasks).
 2. Python memory per live memfd buffer, attachment and mapping
    (``tracemalloc``; goals: at most 512, 256 and 256 bytes), over as many
    buffers as the fd limit allows, up to 100,000 (each holds one fd).
@@ -194,12 +197,19 @@ async def scaling(tasks: tuple[int, ...], ops: int) -> list[Throughput]:
 
 
 @contextlib.asynccontextmanager
-async def scale_sides(tasks: int, buffers: int, ops: int) -> AsyncIterator[Sides]:
-    """Seconds per map+unmap with ``tasks`` tasks and with one, ``ops`` each."""
+async def scale_sides(
+    tasks: int, buffers: int, ops: int, *, bare: bool = False
+) -> AsyncIterator[Sides]:
+    """Seconds per map+unmap with ``tasks`` tasks and with one, ``ops`` each.
+
+    With ``bare``, the reference instead: two ``anyio.Lock`` pairs per op (in
+    loops of their own, so that neither shape's garbage is the other's).
+    """
     exporter = MemfdExporter()
     device = dmabuf.Device("scale")
     bufs = [await exporter.allocate(4096) for _ in range(buffers)]
     atts = [await buf.attach(device) for buf in bufs]
+    locks = [anyio.Lock() for _ in range(buffers)] if bare else []
 
     async def per_op(tasks: int, ops: int) -> float:
         go = anyio.Event()
@@ -218,9 +228,23 @@ async def scale_sides(tasks: int, buffers: int, ops: int) -> AsyncIterator[Sides
                 await att.unmap(sgt)
             ended = time.perf_counter()
 
+        async def bare_worker(k: int) -> None:  # map and unmap: one pair each
+            nonlocal ready, ended
+            lock = locks[k % len(locks)]
+            ready += 1
+            await go.wait()
+            for j in range(ops):
+                if tasks == 1:
+                    lock = locks[j % len(locks)]
+                await lock.acquire()
+                lock.release()
+                await lock.acquire()
+                lock.release()
+            ended = time.perf_counter()
+
         async with anyio.create_task_group() as tg:
             for k in range(tasks):
-                tg.start_soon(worker, k)
+                tg.start_soon(bare_worker if bare else worker, k)
             while ready < tasks:
                 await anyio.lowlevel.checkpoint()
             start = time.perf_counter()
@@ -234,7 +258,7 @@ async def scale_sides(tasks: int, buffers: int, ops: int) -> AsyncIterator[Sides
         return await per_op(1, min(tasks * ops, 10 * buffers))
 
     try:
-        await per_op(1, buffers)  # warm up: every buffer mapped once
+        await per_op(1, buffers)  # warm up: every buffer mapped (locked) once
         yield {f"{tasks:,} tasks": many, "1 task": one}
     finally:
         for att in atts:
@@ -289,6 +313,21 @@ def rows(quick: bool) -> list[Row]:
         )
         for label, figures in samples.items()
     ]
+    # For context, no goal: the same shape on bare anyio.Lock pairs, the share
+    # of the ratio that is the event loop's (and anyio's) own at 10,000 tasks.
+    reference = alternate(
+        lambda: scale_sides(tasks, buffers, 2 if quick else 10, bare=True),
+        3 if quick else 5,
+    )
+    result.extend(
+        compare(
+            "scale",
+            f"{label}: reference, 2x anyio.Lock pairs, {tasks:,} tasks vs 1 task",
+            figures[f"{tasks:,} tasks"],
+            figures["1 task"],
+        )
+        for label, figures in reference.items()
+    )
     memory = anyio.run(memfd_footprint, quick)
     n = memory.buffers
     for what, value in (

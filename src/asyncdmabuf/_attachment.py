@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any, TypeVar, final
 
 import anyio
 
+from ._backends import ASYNCIO_CHECKPOINT
 from ._device import Device
 from ._errors import Busy, DmaBufError, InvalidArgument
-from ._operation import Operation
+from ._operation import BARE_YIELD, BareYield, Operation, Prelude
 from ._sgtable import SgEntry, SgTable, check_entries
 from ._types import Direction
 from ._undo import run_undo, run_undo_sync
@@ -40,6 +41,16 @@ T = TypeVar("T")
 #: an insertion-ordered dict of them. One table needs no container at all.
 _Mapped = SgTable | dict[SgTable, None] | None
 MoveNotify = Callable[["Attachment"], object]
+
+
+@final
+class _Queued:
+    """What :meth:`Attachment._unmap_now` returns when the lock is contended."""
+
+    __slots__ = ()
+
+
+_QUEUED = _Queued()
 
 
 @final
@@ -156,16 +167,19 @@ class Attachment:
             direction = check_direction(direction)
         if not self._attached:  # a released buffer has detached it too
             self._check_usable()  # raises
-        coro = self._map(direction)
         if not interruptible:
-            coro = _shielded(coro)
-        return Operation(coro, unmap_if_mapped)
+            return Operation(_shielded(self._map(direction)), unmap_if_mapped)
+        # Deferred: a free lock's checkpoint is passed before _map starts.
+        return Operation(
+            None, unmap_if_mapped, Attachment._map, _map_prelude, self, direction
+        )
 
-    async def _map(self, direction: Direction) -> SgTable:
+    async def _map(self, direction: Direction, checkpointed: bool = False) -> SgTable:
+        """Map; with ``checkpointed``, a checkpoint has just been passed."""
         buf = self._buffer
         lock = buf._lock
         held = lock.contended()
-        if not held:
+        if not held and not checkpointed:
             await lock.checkpoint()
             held = lock.contended()  # another task may have taken it meanwhile
         if held:
@@ -233,8 +247,10 @@ class Attachment:
                 f"not a fresh {direction.name} table for {self!r}"
             )
         entries = sgt._entries
-        if entries is not self._checked:
-            check_entries(entries, self._buffer.size, self._device)
+        checked = self._checked
+        if entries is not checked:
+            if not _same_entries(entries, checked):
+                check_entries(entries, self._buffer.size, self._device)
             self._checked = entries
         if mapped is None:
             self._mapped = sgt
@@ -267,11 +283,20 @@ class Attachment:
                 unmapped), or belongs to another attachment.
         """
         lock = self._buffer._lock
-        pending = self._unmap(sgt)
-        if pending is None:
+        result = self._unmap_now(sgt)
+        if result is None:
             await lock.checkpoint()
+        elif type(result) is _Queued:  # _unmap_queued inline: the contended hot path
+            await lock.wait_turn(shielded=True)
+            try:
+                result = self._unmap_checked(sgt)
+                if result is not None:
+                    await run_undo(result)
+            finally:
+                lock.release()
+            await lock.checkpoint_if_cancelled()  # it waited: others ran
         else:
-            await lock.finish(await pending)
+            await lock.finish(await self._unmap_async(result))
 
     def _unmap(self, sgt: SgTable) -> Awaitable[bool] | None:
         """:meth:`unmap` without the final checkpoint (also for ``__aexit__``).
@@ -281,21 +306,47 @@ class Attachment:
             ``unmap`` plain); otherwise what completes it, which returns
             whether it waited for the lock.
         """
+        result = self._unmap_now(sgt)
+        if result is None:
+            return None
+        if type(result) is _Queued:
+            return self._unmap_queued(sgt)
+        return self._unmap_async(result)
+
+    def _unmap_now(self, sgt: SgTable) -> Awaitable[None] | _Queued | None:
+        """Check ``sgt``; unmap it now unless the lock is contended.
+
+        Returns:
+            ``_QUEUED`` when the lock is contended (nothing done yet); else
+            what the exporter's ``unmap`` returned (None: done).
+        """
         if type(sgt) is not SgTable:
             raise TypeError(f"unmap() needs an SgTable, not {type(sgt).__name__}")
-        if self._mapped is not sgt:  # the common case of one table is inline
-            self._check_mapped(sgt)
         buf = self._buffer
         if buf._lock.contended():
-            return self._unmap_queued(sgt)
-        if self._mapped is sgt:
+            mapped = self._mapped  # checked now, and again once it is our turn
+            if mapped is not sgt and not (type(mapped) is dict and sgt in mapped):
+                self._check_mapped(sgt)  # raises
+            return _QUEUED
+        if self._mapped is sgt:  # _unmap_checked's common case, inline
             self._mapped = None
+            return buf._exporter.unmap(self, sgt, sgt._direction)
+        return self._unmap_checked(sgt)
+
+    def _unmap_checked(self, sgt: SgTable) -> Awaitable[None] | None:
+        """Check that ``sgt`` is mapped, forget it, call the exporter's ``unmap``.
+
+        Raises:
+            InvalidArgument: ``sgt`` is not one of this attachment's mappings.
+        """
+        mapped = self._mapped
+        if mapped is sgt:  # the common case of one table
+            self._mapped = None
+        elif type(mapped) is dict and sgt in mapped:
+            del mapped[sgt]
         else:
-            self._forget(sgt)
-        result = buf._exporter.unmap(self, sgt, sgt._direction)
-        if result is None:
-            return None  # a plain unmap: done, nobody ran meanwhile
-        return self._unmap_async(result)
+            self._check_mapped(sgt)  # raises
+        return self._buffer._exporter.unmap(self, sgt, sgt._direction)
 
     async def _unmap_async(self, result: Awaitable[None]) -> bool:
         """Complete an exporter's ``unmap`` that is a coroutine, holding the lock.
@@ -314,13 +365,12 @@ class Attachment:
 
     async def _unmap_queued(self, sgt: SgTable) -> bool:
         """Unmap once the contended lock is this task's (shielded wait)."""
-        buf = self._buffer
-        lock = buf._lock
+        lock = self._buffer._lock
         await lock.wait_turn(shielded=True)
         try:
-            self._check_mapped(sgt)
-            self._forget(sgt)
-            await run_undo(buf._exporter.unmap(self, sgt, sgt._direction))
+            result = self._unmap_checked(sgt)  # another task may have unmapped it
+            if result is not None:
+                await run_undo(result)
         finally:
             lock.release()
         return True
@@ -415,6 +465,37 @@ class Attachment:
         except Exception as exc:
             errors.append(exc)
         return done
+
+
+def _same_entries(
+    entries: tuple[SgEntry, ...], checked: tuple[SgEntry, ...] | None
+) -> bool:
+    """Whether ``entries`` equal the entries checked last, entry for entry.
+
+    An exporter that builds a fresh table of the same layout on every map
+    then pays for one comparison, not for the whole check.
+    """
+    if entries != checked:
+        return False
+    for entry in entries:  # noqa: SIM110 (a loop is faster than all() here)
+        if type(entry) is not SgEntry:  # a plain tuple compares equal too
+            return False
+    return True
+
+
+def _map_prelude(att: Attachment) -> Prelude | BareYield | None:
+    """What a map passes before it starts: a free lock's checkpoint, or nothing.
+
+    A contended lock is queued for at once instead (the wait is the
+    checkpoint).
+    """
+    lock = att._buffer._lock
+    if lock.contended():
+        return None
+    checkpoint = lock.checkpoint
+    if checkpoint is ASYNCIO_CHECKPOINT:
+        return BARE_YIELD
+    return checkpoint()  # type: ignore[return-value]  # trio's: a coroutine
 
 
 def unmap_if_mapped(sgt: SgTable) -> Awaitable[object] | None:

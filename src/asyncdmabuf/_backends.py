@@ -20,6 +20,7 @@ import anyio
 import anyio.lowlevel
 
 __all__ = [
+    "ASYNCIO_CHECKPOINT",
     "BACKENDS",
     "Backend",
     "anyio_redelivers",
@@ -80,6 +81,12 @@ def _asyncio_checkpoint() -> Generator[None, None, None]:
     # What asyncio.sleep(0) (anyio's asyncio checkpoint) does, one bare yield
     # to the loop, without the two calls it takes to get there.
     yield
+
+
+#: asyncio's checkpoint, as :func:`native_checkpoint` gives it: one bare yield.
+#: Code that drives an await itself (a generator) may yield None in its place
+#: and make no generator for it.
+ASYNCIO_CHECKPOINT: Callable[[], Awaitable[None]] = _asyncio_checkpoint
 
 
 def native_checkpoint() -> Callable[[], Awaitable[None]]:
@@ -161,8 +168,21 @@ def native_checkpoint_if_cancelled() -> Callable[[], Awaitable[None]]:
         ].lowlevel.checkpoint_if_cancelled
         return check
     if backend == "asyncio" and _anyio_task_states() is not None:
-        return _asyncio_checkpoint_if_cancelled
+        loop = asyncio.get_running_loop()
+        bound = _cancel_checks.get(loop)
+        if bound is None:
+            bound = _cancel_checks[loop] = functools.partial(
+                _asyncio_checkpoint_if_cancelled, loop
+            )
+        return bound
     return anyio.lowlevel.checkpoint_if_cancelled
+
+
+#: One "raise if cancelled" per asyncio loop, bound to it: on 3.11 asking for
+#: the running loop costs a ``getpid()`` each time.
+_cancel_checks: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, Callable[[], Awaitable[None]]
+] = weakref.WeakKeyDictionary()
 
 
 #: anyio's asyncio task states (task -> its innermost cancel scope), once found.
@@ -224,15 +244,17 @@ class _Ready:
     __slots__ = ()
 
     def __await__(self) -> Generator[Any, None, None]:
-        return
-        yield  # pragma: no cover (makes this a generator)
+        # An empty tuple's iterator: done at once, and cheaper than a generator.
+        return iter(())  # type: ignore[return-value]
 
 
 _READY = _Ready()
 
 
-def _asyncio_checkpoint_if_cancelled() -> Awaitable[None]:
-    task = asyncio_current_task(asyncio.get_running_loop())
+def _asyncio_checkpoint_if_cancelled(
+    loop: asyncio.AbstractEventLoop,
+) -> Awaitable[None]:
+    task = asyncio_current_task(loop)
     if task is not None and (task._must_cancel or _scope_cancelled(task)):  # type: ignore[attr-defined]
         return asyncio.sleep(0)  # the cancellation is raised there
     return _READY
