@@ -25,6 +25,7 @@ __all__ = [
     "Backend",
     "anyio_redelivers",
     "asyncio_current_task",
+    "asyncio_loop",
     "current_backend",
     "current_loop_label",
     "current_time",
@@ -65,6 +66,17 @@ def current_backend() -> Backend | None:
     if _in_trio():
         return "trio"
     return None
+
+
+def asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """Return the running asyncio loop if it can watch a socket, else None.
+
+    None on trio, outside a loop, and on a loop without ``add_reader``.
+    """
+    loop = asyncio._get_running_loop()
+    if loop is None or not hasattr(loop, "add_reader"):
+        return None
+    return loop
 
 
 def current_loop_label() -> str | None:

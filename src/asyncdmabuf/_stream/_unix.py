@@ -32,7 +32,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from .._backends import native_checkpoint, native_checkpoint_if_cancelled
+from .._backends import asyncio_loop, native_checkpoint, native_checkpoint_if_cancelled
 from .._errors import Busy, InvalidArgument, from_oserror
 from ._transport import MAX_FDS, MAX_MESSAGE, PeerCredentials
 
@@ -537,14 +537,6 @@ class UnixTransport:
         with anyio.CancelScope(shield=True):
             await self._stream.aclose()
         await anyio.lowlevel.checkpoint()
-
-
-def asyncio_loop() -> asyncio.AbstractEventLoop | None:
-    """Return the running asyncio loop if it can watch a socket, else None."""
-    loop = asyncio._get_running_loop()
-    if loop is None or not hasattr(loop, "add_reader"):
-        return None
-    return loop
 
 
 def _check_read(data: bytes, fds: list[int], flags: int) -> None:
