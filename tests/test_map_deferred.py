@@ -103,3 +103,20 @@ async def test_async_with_the_deferred_map_unmaps() -> None:
     assert att.mappings == ()
     await att.detach()
     await buf.put()
+
+
+async def test_a_map_never_awaited_warns_and_one_cancelled_does_not() -> None:
+    """As a coroutine would: the deferred map makes none until it starts."""
+    buf = await MemfdExporter().allocate(4096)
+    att = await buf.attach(dmabuf.Device("dev"))
+    op = att.map(Direction.TO_DEVICE)
+    with pytest.warns(RuntimeWarning, match="never awaited"):
+        del op  # its last reference: finalised here
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await att.map(Direction.TO_DEVICE)  # started: cancelled at its checkpoint
+    assert scope.cancelled_caught
+    gc.collect()  # no warning (warnings are errors here)
+    assert att.mappings == ()
+    await att.detach()
+    await buf.put()

@@ -14,6 +14,7 @@ cancelled scope, and the cancellation surfaces at the next checkpoint.
 from __future__ import annotations
 
 import types
+import warnings
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from types import TracebackType
 from typing import Any, TypeVar, final
@@ -101,6 +102,7 @@ class Operation(Coroutine[Any, Any, T]):
     def _begin(self) -> Prelude | None:
         """Start a deferred operation's prelude; None if it has none now."""
         prelude = self._prelude
+        self._prelude = None  # started: see __del__
         pre = prelude(self._target) if prelude is not None else None
         if type(pre) is BareYield:  # stepped by hand: a generator's yield
             pre = _bare_yield()
@@ -185,6 +187,7 @@ class Operation(Coroutine[Any, Any, T]):
         if self._c is None and self._pre is None:
             prelude = self._prelude
             if prelude is not None:
+                self._prelude = None  # started: see __del__
                 pre = prelude(self._target)
                 if type(pre) is BareYield:
                     return self._yield_then_run()
@@ -203,6 +206,12 @@ class Operation(Coroutine[Any, Any, T]):
         assert self._make is not None
         coro = self._c = self._make(self._target, self._arg, True)
         return (yield from coro.__await__())
+
+    def __del__(self) -> None:
+        # A deferred operation makes no coroutine until it starts, so Python's
+        # "coroutine ... was never awaited" would never come: say it here.
+        if self._c is None and self._prelude is not None:
+            warnings.warn(f"{self!r} was never awaited", RuntimeWarning, stacklevel=2)
 
     def __repr__(self) -> str:
         coro = self._c if self._c is not None else self._make
