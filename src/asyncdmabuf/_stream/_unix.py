@@ -238,11 +238,6 @@ class UnixTransport:
         if not waited:
             await anyio.lowlevel.cancel_shielded_checkpoint()
 
-    def flush_nowait(self) -> None:
-        """Send what waits to be sent, as far as the socket takes it now."""
-        if self._out and not self._closed and self._broken is None:
-            self._flush_nowait()
-
     # -- receiving ----------------------------------------------------------------
 
     def poll_nowait(self) -> bool:
